@@ -1,0 +1,167 @@
+"""The engine as a library: register sagas, start instances, run workers.
+
+A service imports this, starts sagas, and runs workers as threads in its own
+process; ``saga worker`` is the same code with a command around it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.definition import Saga
+from engine.errors import InvalidInput
+from engine.executor import Clock, Executor
+from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
+from engine.operations import Operations
+from engine.registry import Registry
+from engine.settings import Settings
+from engine.states import SagaState
+from engine.store import Store, dumps, open_store
+from engine.transport import InProcessQueue, Transport
+
+_MAX_KEY = 200
+
+
+@dataclass(frozen=True)
+class Started:
+    """What :meth:`SagaEngine.start` returns: the instance, and whether this call created it."""
+
+    instance: Instance
+    created: bool
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+
+class SagaEngine:
+    """Registered sagas plus a store and a transport."""
+
+    def __init__(
+        self,
+        sagas: Iterable[Saga] = (),
+        *,
+        settings: Settings | None = None,
+        store: Store | None = None,
+        transport: Transport | None = None,
+        clock: Clock = now_ms,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.registry = Registry(sagas)
+        self.store = store or open_store(self.settings.database_url,
+                                         pool_size=max(self.settings.concurrency, 5))
+        self.transport = transport or _default_transport(self.settings)
+        self.clock = clock
+        self.owner = self.settings.worker_id
+        self.executor = Executor(self.store, self.registry, self.owner, clock,
+                                 lease_ms=self.lease_ms)
+        self.operations = Operations(self.store, self.registry, self.transport, clock)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
+
+    def register(self, saga: Saga) -> None:
+        self.registry.add(saga)
+
+    def start(
+        self,
+        saga_name: str,
+        payload: Any = None,
+        *,
+        correlation_id: str | None = None,
+        business_key: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Started:
+        """Create an instance and ring a worker; the same idempotency key returns the same one."""
+        transition = self._new_instance(saga_name, payload, correlation_id, business_key,
+                                        idempotency_key)
+        inst, created = self.store.create(transition, self.owner)
+        if created:
+            self.transport.publish(inst.id)
+        return Started(inst, created)
+
+    def run(
+        self,
+        saga_name: str,
+        payload: Any = None,
+        *,
+        correlation_id: str | None = None,
+        business_key: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Instance:
+        """Start an instance and advance it in this thread until it finishes or must wait.
+
+        The instance is durable from its first commit: if this process dies,
+        its lease expires and a worker takes it over.
+        """
+        transition = self._new_instance(saga_name, payload, correlation_id, business_key,
+                                        idempotency_key, lease_owner=self.owner)
+        defn = self.registry.latest(saga_name)
+        transition, step = self.executor.plan(transition, defn)
+        inst, created = self.store.create(transition, self.owner)
+        if not created:
+            return inst
+        if step is None:  # pragma: no cover - a new instance always has a first step to run
+            self.store.release(inst.id, self.owner)
+            return inst
+        return self.executor.resume(inst, step)
+
+    def get(self, saga_id: str) -> Instance:
+        return self.store.load(saga_id)
+
+    def worker(self, concurrency: int | None = None) -> Any:
+        from engine.worker import Worker
+
+        return Worker(self, concurrency or self.settings.concurrency)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.transport.close()
+        self.store.dispose()
+
+    def _new_instance(
+        self,
+        saga_name: str,
+        payload: Any,
+        correlation_id: str | None,
+        business_key: str | None,
+        idempotency_key: str | None,
+        lease_owner: str | None = None,
+    ) -> Transition:
+        defn = self.registry.latest(saga_name)
+        dumps(payload)
+        for field, value in (("correlation id", correlation_id), ("business key", business_key),
+                             ("idempotency key", idempotency_key)):
+            _check_key(field, value)
+        now = self.clock()
+        inst = Instance(
+            id=new_id(now), saga_name=defn.name, saga_version=defn.version,
+            state=SagaState.RUNNING, cursor=0,
+            steps=tuple(StepState(i, s.name) for i, s in enumerate(defn.steps)),
+            payload=payload, correlation_id=correlation_id or str(uuid.uuid4()),
+            business_key=business_key, idempotency_key=idempotency_key, version=1,
+            created_at=now, updated_at=now, last_progress_at=now, next_run_at=now,
+            lease_owner=lease_owner,
+            lease_expires_at=now + self.lease_ms if lease_owner else None,
+        )
+        return Transition(inst, (Event(EventKind.SAGA_STARTED, detail={"version": defn.version}),))
+
+
+def _check_key(field: str, value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(field, "must be a non-empty string")
+    if len(value) > _MAX_KEY:
+        raise InvalidInput(field, f"is {len(value)} characters; the limit is {_MAX_KEY}")
+
+
+def _default_transport(settings: Settings) -> Transport:
+    if settings.redis_url:
+        raise InvalidInput("SAGA_REDIS_URL", "the Redis transport is not available in this build")
+    return InProcessQueue()
+

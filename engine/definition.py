@@ -1,0 +1,279 @@
+"""Saga definitions: plain Python objects, validated when they are built.
+
+A definition says what to run; it never touches the store or the queue.
+The decorators only build frozen :class:`StepDef` objects through
+:meth:`Saga.add_step`, which checks each addition at once, so a bad saga
+fails at import time with a :class:`DefinitionError` naming saga and step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import DefinitionError
+from engine.states import Phase, StepKind
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """When and how often a failed attempt is tried again.
+
+    Attempt ``n`` (1-based) that fails is followed, after
+    ``min(initial_delay * backoff ** (n - 1), max_delay)`` give or take
+    ``jitter`` (a fraction), by attempt ``n + 1``, up to ``max_attempts``.
+    Exceptions of a ``non_retryable`` type (and :class:`NonRetryableError`)
+    end the step at once.
+    """
+
+    max_attempts: int = 3
+    initial_delay: timedelta = timedelta(seconds=1)
+    backoff: float = 2.0
+    max_delay: timedelta = timedelta(seconds=60)
+    jitter: float = 0.1
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def problem(self) -> str | None:
+        """Why this policy is unusable, or None when it is fine."""
+        if self.max_attempts < 1:
+            return f"max_attempts must be at least 1, got {self.max_attempts}"
+        if self.initial_delay < timedelta(0) or self.max_delay < timedelta(0):
+            return "retry delays cannot be negative"
+        if self.backoff < 1.0:
+            return f"backoff must be 1.0 or more, got {self.backoff}"
+        if not 0.0 <= self.jitter <= 1.0:
+            return f"jitter is a fraction between 0 and 1, got {self.jitter}"
+        return None
+
+    def delay_ms(self, attempt: int, rand: float) -> int:
+        """The wait after failed attempt ``attempt``; ``rand`` in [0, 1) spreads it."""
+        base = self.initial_delay.total_seconds() * self.backoff ** max(attempt - 1, 0)
+        capped = min(base, self.max_delay.total_seconds())
+        spread = 1.0 + self.jitter * (2.0 * rand - 1.0)
+        return max(int(capped * spread * 1000), 0)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        from engine.errors import NonRetryableError
+
+        return not isinstance(exc, (NonRetryableError, *self.non_retryable))
+
+
+NO_RETRY = Retry(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step's action or compensation is given."""
+
+    saga_id: str
+    saga_name: str
+    correlation_id: str
+    business_key: str | None
+    payload: Any
+    outputs: Mapping[str, Any]
+    step: str
+    phase: Phase
+    attempt: int
+    idempotency_key: str
+    # Set for transactional steps: the store's connection inside the
+    # transaction that also records the step's result.
+    connection: Connection | None = None
+
+
+Action = Callable[[StepContext], Any]
+Compensation = Callable[[StepContext, Any], Any]
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One step of a saga, frozen once added."""
+
+    name: str
+    action: Action
+    compensation: Compensation | None
+    kind: StepKind
+    timeout: timedelta
+    retry: Retry
+    compensation_retry: Retry
+    transactional: bool = False
+    expected_duration: timedelta | None = None
+    explicit_kind: bool = False
+
+
+class StepHandle:
+    """What ``@saga.step`` returns: attach a compensation, or call the action."""
+
+    def __init__(self, saga: Saga, name: str) -> None:
+        self._saga = saga
+        self.name = name
+
+    def compensate(self, fn: Compensation) -> Compensation:
+        """Decorator: ``fn(ctx, output)`` undoes this step; ``output`` is None if unknown."""
+        self._saga.set_compensation(self.name, fn)
+        return fn
+
+    @property
+    def definition(self) -> StepDef:
+        return self._saga.step_named(self.name)
+
+    def __call__(self, ctx: StepContext) -> Any:
+        return self.definition.action(ctx)
+
+
+@dataclass
+class Saga:
+    """A named, versioned, ordered list of steps.
+
+    Build it with ``@saga.step(...)`` decorators or :meth:`add_step`; every
+    addition is checked at once. :meth:`validate` runs the checks that need
+    the whole list, and the engine calls it when the saga is registered.
+    """
+
+    name: str
+    version: int = 1
+    default_timeout: timedelta = timedelta(seconds=30)
+    default_retry: Retry = field(default_factory=Retry)
+    default_compensation_retry: Retry = field(default_factory=lambda: Retry(max_attempts=5))
+    stuck_grace: timedelta = timedelta(minutes=5)
+    _steps: list[StepDef] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name or ""):
+            raise DefinitionError(
+                repr(self.name), None, "a saga name is letters, digits, '_', '.', '-' (max 100)"
+            )
+        if self.version < 1:
+            raise DefinitionError(self.name, None, f"version must be 1 or more, not {self.version}")
+
+    @property
+    def steps(self) -> tuple[StepDef, ...]:
+        return tuple(self._steps)
+
+    @property
+    def pivot_index(self) -> int | None:
+        return next((i for i, s in enumerate(self._steps) if s.kind is StepKind.PIVOT), None)
+
+    def step_named(self, name: str) -> StepDef:
+        for step in self._steps:
+            if step.name == name:
+                return step
+        raise DefinitionError(self.name, name, "no such step")
+
+    def step(
+        self,
+        fn: Action | None = None,
+        *,
+        name: str | None = None,
+        timeout: timedelta | None = None,
+        retry: Retry | None = None,
+        compensation_retry: Retry | None = None,
+        pivot: bool = False,
+        kind: StepKind | None = None,
+        transactional: bool = False,
+        expected_duration: timedelta | None = None,
+    ) -> Any:
+        """Decorator that adds ``fn`` as the next step; see :meth:`add_step`."""
+
+        def register(action: Action) -> StepHandle:
+            step_kind = StepKind.PIVOT if pivot else kind
+            return self.add_step(
+                name or action.__name__,
+                action,
+                timeout=timeout,
+                retry=retry,
+                compensation_retry=compensation_retry,
+                kind=step_kind,
+                transactional=transactional,
+                expected_duration=expected_duration,
+            )
+
+        return register(fn) if fn is not None else register
+
+    def add_step(
+        self,
+        name: str,
+        action: Action,
+        compensation: Compensation | None = None,
+        *,
+        timeout: timedelta | None = None,
+        retry: Retry | None = None,
+        compensation_retry: Retry | None = None,
+        kind: StepKind | None = None,
+        transactional: bool = False,
+        expected_duration: timedelta | None = None,
+    ) -> StepHandle:
+        """Append a step. Its kind defaults to compensatable before the pivot, retriable after."""
+        after_pivot = self.pivot_index is not None
+        step = StepDef(
+            name=name,
+            action=action,
+            compensation=compensation,
+            kind=kind or (StepKind.RETRIABLE if after_pivot else StepKind.COMPENSATABLE),
+            timeout=timeout if timeout is not None else self.default_timeout,
+            retry=retry or self.default_retry,
+            compensation_retry=compensation_retry or self.default_compensation_retry,
+            transactional=transactional,
+            expected_duration=expected_duration,
+            explicit_kind=kind is not None,
+        )
+        self._check_step(step, after_pivot)
+        self._steps.append(step)
+        return StepHandle(self, name)
+
+    def set_compensation(self, step_name: str, fn: Compensation) -> None:
+        index = next((i for i, s in enumerate(self._steps) if s.name == step_name), None)
+        if index is None:
+            raise DefinitionError(self.name, step_name, "no such step to compensate")
+        step = self._steps[index]
+        if not callable(fn):
+            raise DefinitionError(self.name, step_name, "the compensation is not callable")
+        if step.kind is not StepKind.COMPENSATABLE:
+            raise DefinitionError(
+                self.name, step_name, f"a {step.kind} step cannot have a compensation"
+            )
+        self._steps[index] = replace(step, compensation=fn)
+
+    def validate(self) -> Saga:
+        """Checks that need the whole saga; returns it so calls can chain."""
+        if not self._steps:
+            raise DefinitionError(self.name, None, "a saga needs at least one step")
+        for step in self._steps:
+            if step.explicit_kind and step.kind is StepKind.COMPENSATABLE and not step.compensation:
+                raise DefinitionError(
+                    self.name, step.name, "declared compensatable but has no compensation"
+                )
+        return self
+
+    def _check_step(self, step: StepDef, after_pivot: bool) -> None:
+        def fail(problem: str) -> DefinitionError:
+            return DefinitionError(self.name, step.name, problem)
+
+        if not isinstance(step.name, str) or not _NAME.match(step.name):
+            raise fail("a step name is letters, digits, '_', '.', '-' (max 100)")
+        if any(s.name == step.name for s in self._steps):
+            raise fail("duplicate step name")
+        if not callable(step.action):
+            raise fail("the action is not callable")
+        if step.compensation is not None and not callable(step.compensation):
+            raise fail("the compensation is not callable")
+        if step.timeout <= timedelta(0):
+            raise fail(f"timeout must be positive, got {step.timeout}")
+        for label, policy in (("retry", step.retry), ("compensation_retry", step.compensation_retry)):
+            if problem := policy.problem():
+                raise fail(f"{label}: {problem}")
+        if after_pivot and step.kind is StepKind.PIVOT:
+            raise fail("a saga has at most one pivot step")
+        if after_pivot and step.kind is StepKind.COMPENSATABLE:
+            raise fail("a compensatable step cannot follow the pivot")
+        if not after_pivot and step.kind is StepKind.RETRIABLE:
+            raise fail("a retriable step must follow a pivot step")
+        if step.kind is not StepKind.COMPENSATABLE and step.compensation is not None:
+            raise fail(f"a {step.kind} step cannot have a compensation")

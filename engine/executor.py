@@ -1,0 +1,272 @@
+"""Runs one saga instance forward while holding its lease.
+
+The loop is: ask the pure core what to do, run the step, store its outcome
+(folded into the same commit as the start of the next attempt), and repeat
+until the core says wait or idle. A transactional step's action runs on the
+store's connection inside the transaction that records its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from engine.decide import Recover, Run, begin_attempt, decide, record_failure, record_success
+from engine.definition import Saga, StepContext
+from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
+from engine.model import Event, EventKind, Failure, Instance, Transition
+from engine.registry import Registry
+from engine.states import Phase
+from engine.store import Store, dumps
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """An attempt this executor began and now runs."""
+
+    run: Run
+    defn: Saga
+
+
+class Executor:
+    """Advances instances whose lease ``owner`` holds; safe to share between threads."""
+
+    def __init__(self, store: Store, registry: Registry, owner: str, clock: Clock,
+                 lease_ms: int = 30_000, step_threads: int = 16) -> None:
+        self.store = store
+        self.registry = registry
+        self.owner = owner
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="saga-step")
+        self._rand = random.Random()
+        self._lock = threading.Lock()
+        self.leases = Heartbeat(store, owner, lease_ms, clock)
+
+    def shutdown(self) -> None:
+        self.leases.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def advance(self, inst: Instance) -> Instance:
+        """Run ``inst`` until it finishes, waits, or needs an operator; releases the lease."""
+        defn = self._definition(inst)
+        if defn is None:
+            self.store.release(inst.id, self.owner)
+            return inst
+        transition, step = self.plan(Transition(inst), defn)
+        return self._loop(inst, transition, step, defn)
+
+    def resume(self, inst: Instance, step: _Step) -> Instance:
+        """Go on with an attempt already begun and stored (a new inline instance)."""
+        return self._loop(inst, Transition(inst), step, step.defn)
+
+    def _loop(self, inst: Instance, transition: Transition, step: _Step | None,
+              defn: Saga) -> Instance:
+        self.leases.hold(inst.id)
+        try:
+            while True:
+                try:
+                    inst = self._store(inst, transition, step)
+                    if step is None:
+                        return inst
+                    inst, transition, step = self._execute(inst, step)
+                except ConcurrencyConflict as conflict:
+                    inst, transition, step = self._after_conflict(inst, defn, conflict)
+        finally:
+            self.leases.drop(inst.id)
+
+    def plan(self, transition: Transition, defn: Saga) -> tuple[Transition, _Step | None]:
+        """Extend ``transition`` with the start of whatever attempt is due next."""
+        now = self.clock()
+        decision = decide(transition.instance, now)
+        if isinstance(decision, Recover):
+            failure = Failure("the worker running this attempt stopped before recording an "
+                              "outcome", abandoned=True)
+            transition = transition.then(
+                record_failure(transition.instance, defn, now, failure, self._random())
+            )
+            decision = decide(transition.instance, now)
+        if isinstance(decision, Run):
+            begun = begin_attempt(transition.instance, defn, decision, now)
+            return transition.then(begun), _Step(decision, defn)
+        return transition, None
+
+    def _store(self, inst: Instance, transition: Transition, step: _Step | None) -> Instance:
+        # Every change carries at least one event; none means nothing to store.
+        if transition.events:
+            return self.store.save(inst, transition, self.owner, owner=self.owner,
+                                   release=step is None)
+        if step is None:
+            self.store.release(inst.id, self.owner)
+        return inst
+
+    def _execute(self, inst: Instance, step: _Step) -> tuple[Instance, Transition, _Step | None]:
+        """Run the begun attempt; returns what is left to store and the next attempt."""
+        if step.defn.steps[step.run.index].transactional:
+            return self._run_transactional(inst, step)
+        outcome = self._run_in_thread(inst, step)
+        return (inst, *self.plan(self._outcome(inst, step, outcome), step.defn))
+
+    def _run_transactional(self, inst: Instance, step: _Step,
+                           ) -> tuple[Instance, Transition, _Step | None]:
+        # The action's writes and the recorded result commit together, so the
+        # effect happens exactly once; on any error both roll back.
+        try:
+            with self.store.transaction() as conn:
+                output = self._call(inst, step, conn)
+                dumps(output)
+                transition, nxt = self.plan(self._outcome(inst, step, output), step.defn)
+                saved = self.store.save(inst, transition, self.owner, owner=self.owner,
+                                        release=nxt is None, conn=conn)
+        except ConcurrencyConflict:
+            raise
+        except Exception as exc:  # the step failed: record it in a fresh transaction
+            return (inst, *self.plan(self._outcome(inst, step, _failure(exc, step)), step.defn))
+        return saved, Transition(saved), nxt
+
+    def _run_in_thread(self, inst: Instance, step: _Step) -> object:
+        sdef = step.defn.steps[step.run.index]
+        future: Future[Any] = self._pool.submit(self._call, inst, step, None)
+        try:
+            output = future.result(timeout=sdef.timeout.total_seconds())
+        except FutureTimeout:
+            future.add_done_callback(lambda f: self._late_result(inst, step, f))
+            secs = sdef.timeout.total_seconds()
+            return Failure(f"timed out after {secs:g}s", timed_out=True)
+        except Exception as exc:
+            return _failure(exc, step)
+        try:
+            dumps(output)
+        except InvalidInput as exc:
+            return Failure(f"step {sdef.name!r} returned a value that is not JSON: {exc.problem}",
+                           retryable=False)
+        return output
+
+    def _call(self, inst: Instance, step: _Step, conn: Connection | None) -> Any:
+        sdef = step.defn.steps[step.run.index]
+        ctx = self.context(inst, step.run, conn)
+        if step.run.phase is Phase.ACTION:
+            return sdef.action(ctx)
+        assert sdef.compensation is not None
+        return sdef.compensation(ctx, inst.steps[step.run.index].output)
+
+    def context(self, inst: Instance, run: Run, conn: Connection | None = None) -> StepContext:
+        name = inst.steps[run.index].name
+        return StepContext(
+            saga_id=inst.id, saga_name=inst.saga_name, correlation_id=inst.correlation_id,
+            business_key=inst.business_key, payload=inst.payload, outputs=inst.outputs(),
+            step=name, phase=run.phase, attempt=run.attempt,
+            idempotency_key=f"{inst.id}:{name}:{run.phase}", connection=conn,
+        )
+
+    def _outcome(self, inst: Instance, step: _Step, outcome: object) -> Transition:
+        now = self.clock()
+        if isinstance(outcome, Failure):
+            return record_failure(inst, step.defn, now, outcome, self._random())
+        return record_success(inst, step.defn, now, outcome)
+
+    def _after_conflict(self, inst: Instance, defn: Saga, conflict: ConcurrencyConflict,
+                        ) -> tuple[Instance, Transition, _Step | None]:
+        # An operator (or, after a lost lease, another worker) changed the
+        # instance: what we were about to store is stale. Note it on the
+        # timeline, then follow the instance as it now is.
+        log.info("saga %s: %s", inst.id, conflict)
+        self.store.append_events(inst, [Event(EventKind.RESULT_DISCARDED, inst.cursor,
+                                              inst.phase, detail={"why": str(conflict)})],
+                                 self.owner, self.clock())
+        fresh = self.store.load(inst.id)
+        if fresh.lease_owner != self.owner:
+            return fresh, Transition(fresh), None
+        transition, step = self.plan(Transition(fresh), defn)
+        return fresh, transition, step
+
+    def _late_result(self, inst: Instance, step: _Step, future: Future[Any]) -> None:
+        exc = future.exception()
+        outcome = "raised " + repr(exc) if exc else "returned"
+        event = Event(EventKind.RESULT_DISCARDED, step.run.index, step.run.phase, step.run.attempt,
+                      detail={"why": f"the attempt {outcome} after its deadline"})
+        try:
+            self.store.append_events(inst, [event], self.owner, self.clock())
+        except Exception:  # the timeline note is best effort; the outcome was already decided
+            log.exception("saga %s: could not record a late result", inst.id)
+
+    def _definition(self, inst: Instance) -> Saga | None:
+        try:
+            return self.registry.get(inst.saga_name, inst.saga_version)
+        except UnknownSaga as exc:
+            log.error("saga %s: %s; leaving it for a worker that knows it", inst.id, exc)
+            return None
+
+    def _random(self) -> float:
+        with self._lock:
+            return self._rand.random()
+
+
+def _failure(exc: BaseException, step: _Step) -> Failure:
+    sdef = step.defn.steps[step.run.index]
+    policy = sdef.retry if step.run.phase is Phase.ACTION else sdef.compensation_retry
+    text = f"{type(exc).__name__}: {exc}"
+    tb = "".join(traceback.format_exception(exc))
+    # Bad input (such as an output that is not JSON) never gets better by retrying.
+    retryable = policy.is_retryable(exc) and not isinstance(exc, InvalidInput)
+    return Failure(text, tb, retryable=retryable)
+
+
+class Heartbeat:
+    """Keeps the leases of the instances being advanced alive while steps run long."""
+
+    def __init__(self, store: Store, owner: str, lease_ms: int, clock: Clock) -> None:
+        self.store = store
+        self.owner = owner
+        self.lease_ms = lease_ms
+        self.clock = clock
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, saga_id: str) -> None:
+        with self._lock:
+            self._held[saga_id] = self._held.get(saga_id, 0) + 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="saga-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def drop(self, saga_id: str) -> None:
+        with self._lock:
+            left = self._held.get(saga_id, 0) - 1
+            if left > 0:
+                self._held[saga_id] = left
+            else:
+                self._held.pop(saga_id, None)
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        interval = self.lease_ms / 3000
+        while not self._stop.wait(interval):
+            ids = self.held()
+            if not ids:
+                continue
+            try:
+                self.store.renew(self.owner, ids, self.lease_ms, self.clock())
+            except Exception:  # a missed beat is retried next interval; the lease has slack
+                log.exception("lease heartbeat failed for %d instances", len(ids))

@@ -1,0 +1,95 @@
+"""The operations API: what an operator can do, for the CLI and the console alike.
+
+Every action takes an actor and a reason, checks the version the caller saw,
+applies the pure rule from :mod:`engine.interventions`, and stores the
+transition with its audit record in one transaction. Reads for listing and
+showing instances live in :mod:`engine.queries`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine import interventions
+from engine.errors import ConcurrencyConflict, InvalidInput
+from engine.interventions import Action
+from engine.model import Instance
+from engine.registry import Registry
+from engine.store import OperatorRecord, Store
+from engine.transport import Transport
+
+MAX_REASON = 2000
+
+
+class Operations:
+    """Operator actions on saga instances."""
+
+    def __init__(self, store: Store, registry: Registry, transport: Transport,
+                 clock: Callable[[], int]) -> None:
+        self.store = store
+        self.registry = registry
+        self.transport = transport
+        self.clock = clock
+
+    def retry(self, saga_id: str, *, actor: str, reason: str,
+              expected_version: int | None = None) -> Instance:
+        """Run the failed or waiting step (or compensation) now, with a fresh retry budget."""
+        return self.act(Action.RETRY, saga_id, actor=actor, reason=reason,
+                        expected_version=expected_version)
+
+    def skip(self, saga_id: str, *, actor: str, reason: str,
+             expected_version: int | None = None) -> Instance:
+        """Mark the current step (or its compensation) done by hand and go on."""
+        return self.act(Action.SKIP, saga_id, actor=actor, reason=reason,
+                        expected_version=expected_version)
+
+    def compensate(self, saga_id: str, *, actor: str, reason: str,
+                   expected_version: int | None = None) -> Instance:
+        """Stop going forward and compensate every started step, from the current one."""
+        return self.act(Action.COMPENSATE, saga_id, actor=actor, reason=reason,
+                        expected_version=expected_version)
+
+    def cancel(self, saga_id: str, *, actor: str, reason: str,
+               expected_version: int | None = None) -> Instance:
+        """Stop the instance where it stands; nothing more runs and nothing is undone."""
+        return self.act(Action.CANCEL, saga_id, actor=actor, reason=reason,
+                        expected_version=expected_version)
+
+    def act(self, action: Action, saga_id: str, *, actor: str, reason: str,
+            expected_version: int | None = None) -> Instance:
+        """Apply ``action`` if the state allows it and nobody changed the instance since."""
+        actor, reason = _check_actor(actor), _check_reason(reason)
+        with self.store.transaction() as conn:
+            inst = self.store.load(saga_id, conn)
+            if expected_version is not None and inst.version != expected_version:
+                raise ConcurrencyConflict(saga_id, expected_version, inst.version,
+                                          f"it is {inst.state} at step {inst.current.name!r}")
+            defn = self.registry.get(inst.saga_name, inst.saga_version)
+            transition = interventions.apply(action, inst, defn, self.clock())
+            record = OperatorRecord(actor=actor, action=str(action), reason=reason)
+            saved = self.store.save(inst, transition, f"operator:{actor}", conn=conn,
+                                    operator=record)
+        if saved.state.is_active:
+            self.transport.publish(saved.id)
+        return saved
+
+    def allowed(self, inst: Instance) -> list[Action]:
+        """The actions the instance's state allows now."""
+        defn = self.registry.get(inst.saga_name, inst.saga_version)
+        return interventions.allowed_actions(inst, defn, self.clock())
+
+
+def _check_reason(reason: str) -> str:
+    text = (reason or "").strip()
+    if not text:
+        raise InvalidInput("reason", "say why you are doing this; it goes in the audit log")
+    if len(text) > MAX_REASON:
+        raise InvalidInput("reason", f"is {len(text)} characters; the limit is {MAX_REASON}")
+    return text
+
+
+def _check_actor(actor: str) -> str:
+    text = (actor or "").strip()
+    if not text or len(text) > 150:
+        raise InvalidInput("actor", "name who is acting (1 to 150 characters)")
+    return text

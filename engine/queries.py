@@ -1,0 +1,251 @@
+"""Read models for the CLI and the console: lists, timelines, dead letters, audit.
+
+Lists use keyset pagination (newest first, by ``(created_at, id)``), never
+OFFSET, so page 1,000 costs what page 1 costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from engine import schema as t
+from engine.errors import InvalidInput
+from engine.states import SagaState
+from engine.store import Store
+
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Which instances to list; every field is optional."""
+
+    state: SagaState | None = None
+    saga_name: str | None = None
+    created_from: int | None = None  # epoch ms, inclusive
+    created_to: int | None = None  # epoch ms, exclusive
+    search: str | None = None  # a saga id, correlation id or business key
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    """One row of the instance list."""
+
+    id: str
+    saga_name: str
+    saga_version: int
+    state: str
+    current_step: int
+    current_step_name: str | None
+    step_count: int
+    business_key: str | None
+    correlation_id: str
+    version: int
+    created_at: int
+    updated_at: int
+    last_progress_at: int
+    next_run_at: int | None
+    lease_owner: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of instances and the cursor of the next page (None on the last)."""
+
+    items: list[InstanceSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One stored timeline event."""
+
+    id: int
+    saga_id: str
+    correlation_id: str
+    at: int
+    kind: str
+    step_index: int | None
+    step_name: str | None
+    phase: str | None
+    attempt: int | None
+    actor: str
+    error: str | None
+    traceback: str | None
+    detail: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """Why an instance was dead-lettered, and who resolved it."""
+
+    id: int
+    saga_id: str
+    saga_name: str
+    step_index: int
+    step_name: str
+    phase: str
+    error: str
+    traceback: str | None
+    attempts: int
+    created_at: int
+    resolved_at: int | None
+    resolved_by: str | None
+    resolution: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OperatorActionRecord:
+    """One audit-log entry."""
+
+    id: int
+    at: int
+    actor: str
+    action: str
+    saga_id: str
+    reason: str
+    state_before: str
+    state_after: str
+    version_before: int
+    version_after: int
+    step_name: str | None
+    detail: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Queries:
+    """Read-only questions about the store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def list_instances(self, flt: InstanceFilter = InstanceFilter(), *, limit: int = 50,
+                       cursor: str | None = None) -> Page:
+        """Newest first; pass ``page.next_cursor`` back as ``cursor`` for the next page."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
+        i, s = t.instances.c, t.steps.c
+        query = (
+            sa.select(t.instances, s.name.label("current_step_name"))
+            .outerjoin(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
+            .where(*_conditions(flt))
+            .order_by(i.created_at.desc(), i.id.desc())
+            .limit(limit + 1)
+        )
+        if cursor:
+            at, last_id = _decode_cursor(cursor)
+            query = query.where(sa.tuple_(i.created_at, i.id) < sa.tuple_(at, last_id))
+        with self.store.db.connect() as c:
+            rows = c.execute(query).mappings().all()
+        items = [_summary(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(items, _encode_cursor(items[-1]) if more and items else None)
+
+    def counts_by_state(self, saga_name: str | None = None) -> dict[str, int]:
+        """How many instances are in each state (every state present, zeros included)."""
+        i = t.instances.c
+        query = sa.select(i.state, sa.func.count()).group_by(i.state)
+        if saga_name:
+            query = query.where(i.saga_name == saga_name)
+        with self.store.db.connect() as c:
+            found = dict(c.execute(query).tuples().all())
+        return {str(st): int(found.get(str(st), 0)) for st in SagaState}
+
+    def saga_names(self) -> list[str]:
+        with self.store.db.connect() as c:
+            return list(c.execute(sa.select(t.instances.c.saga_name).distinct()
+                                  .order_by(t.instances.c.saga_name)).scalars())
+
+    def timeline(self, saga_id: str) -> list[EventRecord]:
+        """Every event of one instance, oldest first."""
+        e = t.events.c
+        with self.store.db.connect() as c:
+            rows = c.execute(sa.select(t.events).where(e.saga_id == saga_id).order_by(e.id))
+            return [EventRecord(**r) for r in rows.mappings()]
+
+    def dead_letters(self, *, saga_id: str | None = None, open_only: bool = True,
+                     limit: int = 200) -> list[DeadLetterRecord]:
+        """Dead-letter records, newest first."""
+        d = t.dead_letters.c
+        query = sa.select(t.dead_letters).order_by(d.id.desc()).limit(limit)
+        if saga_id:
+            query = query.where(d.saga_id == saga_id)
+        if open_only:
+            query = query.where(d.resolved_at.is_(None))
+        with self.store.db.connect() as c:
+            return [DeadLetterRecord(**r) for r in c.execute(query).mappings()]
+
+    def operator_actions(self, *, saga_id: str | None = None, actor: str | None = None,
+                         action: str | None = None, limit: int = 200,
+                         before_id: int | None = None) -> list[OperatorActionRecord]:
+        """The audit log, newest first."""
+        a = t.operator_actions.c
+        query = sa.select(t.operator_actions).order_by(a.id.desc()).limit(limit)
+        for column, value in ((a.saga_id, saga_id), (a.actor, actor), (a.action, action)):
+            if value:
+                query = query.where(column == value)
+        if before_id is not None:
+            query = query.where(a.id < before_id)
+        with self.store.db.connect() as c:
+            return [OperatorActionRecord(**r) for r in c.execute(query).mappings()]
+
+    def duplicates_absorbed(self, keys: list[str]) -> dict[str, int]:
+        """Duplicate deliveries the idempotency guard absorbed, per key (guard in this store)."""
+        k = t.idempotency_keys.c
+        with self.store.db.connect() as c:
+            rows = c.execute(sa.select(k.key, k.duplicates).where(k.key.in_(keys))).tuples()
+            return {key: int(n) for key, n in rows}
+
+
+def _conditions(flt: InstanceFilter) -> list[Any]:
+    i = t.instances.c
+    conds: list[Any] = []
+    if flt.state is not None:
+        conds.append(i.state == str(flt.state))
+    if flt.saga_name:
+        conds.append(i.saga_name == flt.saga_name)
+    if flt.created_from is not None:
+        conds.append(i.created_at >= flt.created_from)
+    if flt.created_to is not None:
+        conds.append(i.created_at < flt.created_to)
+    if flt.search:
+        text = flt.search.strip()
+        conds.append(sa.or_(i.id == text, i.correlation_id == text, i.business_key == text))
+    return conds
+
+
+def _summary(row: Any) -> InstanceSummary:
+    return InstanceSummary(
+        id=row["id"], saga_name=row["saga_name"], saga_version=row["saga_version"],
+        state=row["state"], current_step=row["current_step"],
+        current_step_name=row["current_step_name"], step_count=row["step_count"],
+        business_key=row["business_key"], correlation_id=row["correlation_id"],
+        version=row["version"], created_at=row["created_at"], updated_at=row["updated_at"],
+        last_progress_at=row["last_progress_at"], next_run_at=row["next_run_at"],
+        lease_owner=row["lease_owner"],
+    )
+
+
+def _encode_cursor(item: InstanceSummary) -> str:
+    return f"{item.created_at}_{item.id}"
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    at, sep, last_id = cursor.partition("_")
+    if not sep or not at.isdigit() or not last_id:
+        raise InvalidInput("cursor", f"{cursor!r} is not a page cursor from this list")
+    return int(at), last_id

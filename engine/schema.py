@@ -1,0 +1,154 @@
+"""The store's tables, as SQLAlchemy Core metadata valid on PostgreSQL and SQLite.
+
+Alembic migrations under ``engine/migrations`` create these; a test checks
+that the migrated schema matches this metadata. Times are BIGINT epoch
+milliseconds. Partial indexes keep the worker's hot queries off finished
+instances.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+JsonType = sa.JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Millis = sa.BigInteger
+
+ACTIVE = "state IN ('running', 'compensating')"
+
+instances = sa.Table(
+    "saga_instances",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("saga_name", sa.String(100), nullable=False),
+    sa.Column("saga_version", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("current_step", sa.Integer, nullable=False),
+    sa.Column("step_count", sa.Integer, nullable=False),
+    sa.Column("payload", JsonType, nullable=True),
+    sa.Column("correlation_id", sa.String(200), nullable=False),
+    sa.Column("business_key", sa.String(200), nullable=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("updated_at", Millis, nullable=False),
+    sa.Column("last_progress_at", Millis, nullable=False),
+    sa.Column("next_run_at", Millis, nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires_at", Millis, nullable=True),
+    sa.Index(
+        "ix_saga_instances_due", "next_run_at",
+        postgresql_where=sa.text(ACTIVE), sqlite_where=sa.text(ACTIVE),
+    ),
+    sa.Index(
+        "ix_saga_instances_leased", "lease_expires_at",
+        postgresql_where=sa.text("lease_owner IS NOT NULL"),
+        sqlite_where=sa.text("lease_owner IS NOT NULL"),
+    ),
+    sa.Index("ix_saga_instances_created", "created_at", "id"),
+    sa.Index("ix_saga_instances_state_created", "state", "created_at", "id"),
+    sa.Index("ix_saga_instances_correlation", "correlation_id"),
+    sa.Index("ix_saga_instances_business_key", "business_key"),
+    sa.Index("uq_saga_instances_idempotency", "saga_name", "idempotency_key", unique=True),
+)
+
+steps = sa.Table(
+    "saga_steps",
+    metadata,
+    sa.Column("saga_id", sa.String(36), sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("step_index", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("attempts_base", sa.Integer, nullable=False),
+    sa.Column("started_at", Millis, nullable=True),
+    sa.Column("finished_at", Millis, nullable=True),
+    sa.Column("deadline_at", Millis, nullable=True),
+    sa.Column("output", JsonType, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("comp_status", sa.String(20), nullable=False),
+    sa.Column("comp_attempts", sa.Integer, nullable=False),
+    sa.Column("comp_attempts_base", sa.Integer, nullable=False),
+    sa.Column("comp_started_at", Millis, nullable=True),
+    sa.Column("comp_finished_at", Millis, nullable=True),
+    sa.Column("comp_deadline_at", Millis, nullable=True),
+    sa.Column("comp_error", sa.Text, nullable=True),
+)
+
+events = sa.Table(
+    "saga_events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("correlation_id", sa.String(200), nullable=False),
+    sa.Column("at", Millis, nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("step_index", sa.Integer, nullable=True),
+    sa.Column("step_name", sa.String(100), nullable=True),
+    sa.Column("phase", sa.String(20), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=True),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("traceback", sa.Text, nullable=True),
+    sa.Column("detail", JsonType, nullable=True),
+    sa.Index("ix_saga_events_saga", "saga_id", "id"),
+    sa.Index("ix_saga_events_correlation", "correlation_id"),
+)
+
+dead_letters = sa.Table(
+    "saga_dead_letters",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("saga_name", sa.String(100), nullable=False),
+    sa.Column("step_index", sa.Integer, nullable=False),
+    sa.Column("step_name", sa.String(100), nullable=False),
+    sa.Column("phase", sa.String(20), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("traceback", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("resolved_at", Millis, nullable=True),
+    sa.Column("resolved_by", sa.String(200), nullable=True),
+    sa.Column("resolution", sa.String(40), nullable=True),
+    sa.Index("ix_saga_dead_letters_saga", "saga_id"),
+    sa.Index(
+        "ix_saga_dead_letters_open", "created_at",
+        postgresql_where=sa.text("resolved_at IS NULL"),
+        sqlite_where=sa.text("resolved_at IS NULL"),
+    ),
+)
+
+operator_actions = sa.Table(
+    "saga_operator_actions",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", Millis, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("state_before", sa.String(20), nullable=False),
+    sa.Column("state_after", sa.String(20), nullable=False),
+    sa.Column("version_before", sa.Integer, nullable=False),
+    sa.Column("version_after", sa.Integer, nullable=False),
+    sa.Column("step_name", sa.String(100), nullable=True),
+    sa.Column("detail", JsonType, nullable=True),
+    sa.Index("ix_saga_operator_actions_saga", "saga_id", "id"),
+    sa.Index("ix_saga_operator_actions_at", "at"),
+)
+
+idempotency_keys = sa.Table(
+    "saga_idempotency_keys",
+    metadata,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("scope", sa.String(100), nullable=False),
+    sa.Column("result", JsonType, nullable=True),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("duplicates", sa.Integer, nullable=False, server_default="0"),
+)

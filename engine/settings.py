@@ -1,0 +1,81 @@
+"""Settings, read once from the environment.
+
+Every setting is a ``SAGA_*`` variable; the README's settings table lists
+them all. Unset means the embedded default: SQLite in the working directory
+and the in-process queue.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidInput
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's settings; build with :meth:`from_env` or directly in tests."""
+
+    #: SQLAlchemy URL of the store (``sqlite:///saga.db`` or ``postgresql://...``).
+    database_url: str = "sqlite:///saga.db"
+    #: Redis URL for the queue; None means the in-process queue.
+    redis_url: str | None = None
+    #: Modules that define sagas, comma-separated (like ``-A``).
+    app: tuple[str, ...] = ()
+    #: How long a worker's lease on an instance lasts without a heartbeat.
+    lease_seconds: float = 30.0
+    #: How often a worker looks in the store for due work (retries, lost messages).
+    poll_seconds: float = 0.5
+    #: Instances a worker advances at the same time.
+    concurrency: int = 8
+    #: Name of this process in leases and on the timeline.
+    worker_id: str = field(default_factory=_default_worker_id)
+    #: ``text`` or ``json`` log lines.
+    log_format: str = "text"
+    log_level: str = "INFO"
+    #: Bearer token the Prometheus endpoint asks for, when set.
+    metrics_token: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        get = env.get
+        return cls(
+            database_url=get("SAGA_DATABASE_URL") or cls.database_url,
+            redis_url=get("SAGA_REDIS_URL") or None,
+            app=tuple(m.strip() for m in (get("SAGA_APP") or "").split(",") if m.strip()),
+            lease_seconds=_number(env, "SAGA_LEASE_SECONDS", cls.lease_seconds),
+            poll_seconds=_number(env, "SAGA_POLL_SECONDS", cls.poll_seconds),
+            concurrency=int(_number(env, "SAGA_CONCURRENCY", cls.concurrency)),
+            worker_id=get("SAGA_WORKER_ID") or _default_worker_id(),
+            log_format=_choice(env, "SAGA_LOG_FORMAT", ("text", "json"), cls.log_format),
+            log_level=(get("SAGA_LOG_LEVEL") or cls.log_level).upper(),
+            metrics_token=get("SAGA_METRICS_TOKEN") or None,
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(name, f"expected a number, got {raw!r}") from None
+    if value <= 0:
+        raise InvalidInput(name, f"must be positive, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...], default: str) -> str:
+    raw = (env.get(name) or default).lower()
+    if raw not in options:
+        raise InvalidInput(name, f"expected one of {', '.join(options)}, got {raw!r}")
+    return raw

@@ -1,0 +1,413 @@
+"""The store: the only code that reads and writes the saga tables.
+
+Every state change goes through :meth:`Store.save`, one transaction holding
+the instance row (version-checked), the step rows that changed, the timeline
+events and any dead-letter record. Backend quirks live in the two
+subclasses; :func:`open_store` picks one from the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import Engine as SAEngine
+
+from engine import schema as t
+from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
+from engine.model import Event, Instance, StepState, Transition
+from engine.states import ACTIVE_STATES, CompensationStatus, SagaState, StepStatus
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = [s.value for s in ACTIVE_STATES]
+_STEP_FIELDS = [f.name for f in fields(StepState) if f.name != "index"]
+
+
+@dataclass(frozen=True)
+class OperatorRecord:
+    """An operator action to append to the audit log with its transition."""
+
+    actor: str
+    action: str
+    reason: str
+    detail: dict[str, Any] | None = None
+
+
+class Store:
+    """Saga instances, their steps, timeline, dead letters and audit log, in SQL."""
+
+    dialect = "generic"
+
+    def __init__(self, db: SAEngine) -> None:
+        self.db = db
+
+    # -- transactions -------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One database transaction; commits on success, rolls back on error."""
+        with self.db.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.db.dispose()
+
+    # -- writes -------------------------------------------------------------
+
+    def create(self, transition: Transition, actor: str, conn: Connection | None = None,
+               ) -> tuple[Instance, bool]:
+        """Insert a new instance; with an idempotency key already used, return that one."""
+        with self._tx(conn) as c:
+            inst = transition.instance
+            inserted = self._insert_instance(c, _instance_row(inst))
+            if not inserted:
+                existing = self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
+                return existing, False
+            c.execute(t.steps.insert(), [_step_row(inst.id, s) for s in inst.steps])
+            self._append_events(c, inst, transition.events, actor, inst.created_at)
+            return inst, True
+
+    def save(
+        self,
+        old: Instance,
+        transition: Transition,
+        actor: str,
+        *,
+        owner: str | None = None,
+        release: bool = False,
+        conn: Connection | None = None,
+        operator: OperatorRecord | None = None,
+    ) -> Instance:
+        """Store ``transition`` on top of ``old``; raises ConcurrencyConflict if it moved on.
+
+        ``owner`` adds a lease check (workers); ``release`` drops the lease in
+        the same statement, saving a round trip when the worker is done.
+        """
+        new = transition.instance
+        now = new.updated_at
+        with self._tx(conn) as c:
+            values = _instance_changes(new)
+            values["version"] = old.version + 1
+            if release:
+                values["lease_owner"] = None
+                values["lease_expires_at"] = None
+            cond = [t.instances.c.id == old.id, t.instances.c.version == old.version]
+            if owner is not None:
+                cond.append(t.instances.c.lease_owner == owner)
+            done = c.execute(t.instances.update().where(*cond).values(values)).rowcount
+            if done != 1:
+                raise self._conflict(c, old, owner)
+            self._update_steps(c, old, new)
+            self._append_events(c, new, transition.events, actor, now)
+            if transition.dead_letter is not None:
+                self._insert_dead_letter(c, new, transition, now)
+            if transition.resolves_dead_letter:
+                self._resolve_dead_letters(c, new.id, actor, operator, now)
+            if operator is not None:
+                self._insert_operator_action(c, old, new, operator, now)
+        lease = {"lease_owner": None, "lease_expires_at": None} if release else {}
+        return _replace(new, version=old.version + 1, **lease)
+
+    def append_events(self, inst: Instance, events: Sequence[Event], actor: str, now: int) -> None:
+        """Append events without touching the instance (a late result, a note)."""
+        with self.transaction() as c:
+            self._append_events(c, inst, events, actor, now)
+
+    # -- leases -------------------------------------------------------------
+
+    def claim(self, saga_id: str, owner: str, ttl_ms: int, now: int) -> Instance | None:
+        """Take the lease on one active instance if nobody holds it; None if taken or idle."""
+        with self.transaction() as c:
+            i = t.instances.c
+            taken = c.execute(
+                t.instances.update()
+                .where(i.id == saga_id, i.state.in_(_ACTIVE),
+                       sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now,
+                              i.lease_owner == owner))
+                .values(lease_owner=owner, lease_expires_at=now + ttl_ms)
+            ).rowcount
+            return self._load(c, saga_id) if taken else None
+
+    def claim_due(self, owner: str, ttl_ms: int, now: int, limit: int) -> list[str]:
+        """Lease up to ``limit`` instances whose work is due or whose lease expired."""
+        with self.transaction() as c:
+            ids = self._select_claimable(c, now, limit)
+            if not ids:
+                return []
+            i = t.instances.c
+            c.execute(t.instances.update().where(i.id.in_(ids))
+                      .values(lease_owner=owner, lease_expires_at=now + ttl_ms))
+            return ids
+
+    def renew(self, owner: str, saga_ids: Sequence[str], ttl_ms: int, now: int) -> int:
+        """Extend the leases ``owner`` still holds (the heartbeat); returns how many."""
+        if not saga_ids:
+            return 0
+        with self.transaction() as c:
+            i = t.instances.c
+            return int(c.execute(
+                t.instances.update().where(i.id.in_(list(saga_ids)), i.lease_owner == owner)
+                .values(lease_expires_at=now + ttl_ms)
+            ).rowcount)
+
+    def release(self, saga_id: str, owner: str) -> None:
+        with self.transaction() as c:
+            i = t.instances.c
+            c.execute(t.instances.update().where(i.id == saga_id, i.lease_owner == owner)
+                      .values(lease_owner=None, lease_expires_at=None))
+
+    # -- reads --------------------------------------------------------------
+
+    def load(self, saga_id: str, conn: Connection | None = None) -> Instance:
+        with self._tx(conn) as c:
+            return self._load(c, saga_id)
+
+    def _load(self, c: Connection, saga_id: str) -> Instance:
+        row = c.execute(sa.select(t.instances).where(t.instances.c.id == saga_id)).mappings().first()
+        if row is None:
+            raise SagaNotFound(saga_id)
+        step_rows = c.execute(
+            sa.select(t.steps).where(t.steps.c.saga_id == saga_id).order_by(t.steps.c.step_index)
+        ).mappings().all()
+        return _instance_from_rows(row, step_rows)
+
+    def _find_by_idempotency_key(self, c: Connection, name: str, key: str | None) -> Instance:
+        i = t.instances.c
+        saga_id = c.execute(sa.select(i.id).where(i.saga_name == name, i.idempotency_key == key)
+                            ).scalar_one()
+        return self._load(c, saga_id)
+
+    # -- backend quirks -----------------------------------------------------
+
+    def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _select_claimable(self, c: Connection, now: int, limit: int) -> list[str]:
+        i = t.instances.c
+        due = sa.and_(i.lease_owner.is_(None), i.next_run_at <= now)
+        expired = sa.and_(i.lease_owner.is_not(None), i.lease_expires_at < now)
+        query = (sa.select(i.id).where(i.state.in_(_ACTIVE), sa.or_(due, expired))
+                 .order_by(i.next_run_at).limit(limit))
+        return list(c.execute(self._lock_claimable(query)).scalars())
+
+    def _lock_claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        return query
+
+    # -- helpers ------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.db.begin() as c:
+                yield c
+
+    def _conflict(self, c: Connection, old: Instance, owner: str | None) -> ConcurrencyConflict:
+        i = t.instances.c
+        row = c.execute(sa.select(i.version, i.lease_owner).where(i.id == old.id)).first()
+        if row is None:
+            return ConcurrencyConflict(old.id, old.version, None)
+        detail = ""
+        if owner is not None and row.lease_owner != owner:
+            detail = f"the lease is now held by {row.lease_owner or 'nobody'}"
+        return ConcurrencyConflict(old.id, old.version, row.version, detail)
+
+    def _update_steps(self, c: Connection, old: Instance, new: Instance) -> None:
+        changed = [s for s, before in zip(new.steps, old.steps, strict=True) if s != before]
+        for step in changed:
+            c.execute(
+                t.steps.update()
+                .where(t.steps.c.saga_id == new.id, t.steps.c.step_index == step.index)
+                .values(_step_values(step))
+            )
+
+    def _append_events(self, c: Connection, inst: Instance, evs: Sequence[Event], actor: str,
+                       now: int) -> None:
+        if not evs:
+            return
+        c.execute(t.events.insert(), [_event_row(inst, e, actor, now) for e in evs])
+
+    def _insert_dead_letter(self, c: Connection, inst: Instance, tr: Transition, now: int) -> None:
+        dl = tr.dead_letter
+        assert dl is not None
+        c.execute(t.dead_letters.insert().values(
+            saga_id=inst.id, saga_name=inst.saga_name, step_index=dl.step_index,
+            step_name=inst.steps[dl.step_index].name, phase=str(dl.phase), error=dl.error,
+            traceback=dl.traceback, attempts=dl.attempts, created_at=now,
+        ))
+
+    def _resolve_dead_letters(self, c: Connection, saga_id: str, actor: str,
+                              operator: OperatorRecord | None, now: int) -> None:
+        d = t.dead_letters.c
+        c.execute(t.dead_letters.update()
+                  .where(d.saga_id == saga_id, d.resolved_at.is_(None))
+                  .values(resolved_at=now, resolved_by=actor,
+                          resolution=operator.action if operator else "resolved"))
+
+    def _insert_operator_action(self, c: Connection, old: Instance, new: Instance,
+                                op: OperatorRecord, now: int) -> None:
+        c.execute(t.operator_actions.insert().values(
+            at=now, actor=op.actor, action=op.action, saga_id=old.id, reason=op.reason,
+            state_before=str(old.state), state_after=str(new.state),
+            version_before=old.version, version_after=old.version + 1,
+            step_name=old.current.name, detail=op.detail,
+        ))
+
+
+class SqliteStore(Store):
+    """SQLite: one writer at a time, so claims need no row locks."""
+
+    dialect = "sqlite"
+
+    def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
+        from sqlalchemy.dialects.sqlite import insert
+
+        stmt = insert(t.instances).values(row).on_conflict_do_nothing()
+        return bool(c.execute(stmt).rowcount)
+
+
+class PostgresStore(Store):
+    """PostgreSQL: bulk claims skip rows other workers have locked."""
+
+    dialect = "postgresql"
+
+    def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
+        from sqlalchemy.dialects.postgresql import insert
+
+        stmt = insert(t.instances).values(row).on_conflict_do_nothing()
+        return bool(c.execute(stmt).rowcount)
+
+    def _lock_claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        return query.with_for_update(skip_locked=True)
+
+
+def normalise_url(url: str) -> str:
+    """Use psycopg 3 for PostgreSQL whatever driver the URL names (or none)."""
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def open_store(url: str, *, pool_size: int = 10, echo: bool = False) -> Store:
+    """A store for ``url`` (``sqlite:///file.db`` or ``postgresql://...``)."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        return SqliteStore(_sqlite_engine(url, echo))
+    if url.startswith("postgresql"):
+        db = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                              pool_pre_ping=True, echo=echo)
+        return PostgresStore(db)
+    raise InvalidInput("SAGA_DATABASE_URL", f"{url!r} is neither sqlite:/// nor postgresql://")
+
+
+def _sqlite_engine(url: str, echo: bool) -> SAEngine:
+    db = sa.create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(db, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from the driver so that BEGIN IMMEDIATE
+        # below is what starts every transaction.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(db, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the lock up front: a deferred transaction that later
+        # upgrades to a write fails with "database is locked" instead of waiting.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return db
+
+
+# -- row mapping ------------------------------------------------------------
+
+def _instance_row(inst: Instance) -> dict[str, Any]:
+    row = _instance_changes(inst)
+    row.update(
+        id=inst.id, saga_name=inst.saga_name, saga_version=inst.saga_version,
+        step_count=len(inst.steps), payload=inst.payload, correlation_id=inst.correlation_id,
+        business_key=inst.business_key, idempotency_key=inst.idempotency_key,
+        version=inst.version, created_at=inst.created_at,
+        lease_owner=inst.lease_owner, lease_expires_at=inst.lease_expires_at,
+    )
+    return row
+
+
+def _instance_changes(inst: Instance) -> dict[str, Any]:
+    return {
+        "state": str(inst.state),
+        "current_step": inst.cursor,
+        "updated_at": inst.updated_at,
+        "last_progress_at": inst.last_progress_at,
+        "next_run_at": inst.next_run_at,
+    }
+
+
+def _step_values(step: StepState) -> dict[str, Any]:
+    values = {name: getattr(step, name) for name in _STEP_FIELDS}
+    values["status"] = str(step.status)
+    values["comp_status"] = str(step.comp_status)
+    return values
+
+
+def _step_row(saga_id: str, step: StepState) -> dict[str, Any]:
+    return {"saga_id": saga_id, "step_index": step.index, **_step_values(step)}
+
+
+def _event_row(inst: Instance, ev: Event, actor: str, now: int) -> dict[str, Any]:
+    name = inst.steps[ev.step_index].name if ev.step_index is not None else None
+    return {
+        "saga_id": inst.id, "correlation_id": inst.correlation_id, "at": now,
+        "kind": str(ev.kind), "step_index": ev.step_index, "step_name": name,
+        "phase": str(ev.phase) if ev.phase else None, "attempt": ev.attempt, "actor": actor,
+        "error": ev.error, "traceback": ev.traceback, "detail": ev.detail,
+    }
+
+
+def _instance_from_rows(row: Any, step_rows: Sequence[Any]) -> Instance:
+    steps = tuple(
+        StepState(
+            index=s["step_index"],
+            **{name: s[name] for name in _STEP_FIELDS if name not in ("status", "comp_status")},
+            status=StepStatus(s["status"]),
+            comp_status=CompensationStatus(s["comp_status"]),
+        )
+        for s in step_rows
+    )
+    return Instance(
+        id=row["id"], saga_name=row["saga_name"], saga_version=row["saga_version"],
+        state=SagaState(row["state"]), cursor=row["current_step"], steps=steps,
+        payload=row["payload"], correlation_id=row["correlation_id"],
+        business_key=row["business_key"], idempotency_key=row["idempotency_key"],
+        version=row["version"], created_at=row["created_at"], updated_at=row["updated_at"],
+        last_progress_at=row["last_progress_at"], next_run_at=row["next_run_at"],
+        lease_owner=row["lease_owner"], lease_expires_at=row["lease_expires_at"],
+    )
+
+
+def _replace(inst: Instance, **changes: Any) -> Instance:
+    from dataclasses import replace
+
+    return replace(inst, **changes)
+
+
+def dumps(value: Any) -> str:
+    """JSON text for values the store keeps; raises InvalidInput when not JSON."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput("JSON value", str(exc)) from exc
