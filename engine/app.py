@@ -51,13 +51,15 @@ class SagaEngine:
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.registry = Registry(sagas)
-        self.store = store or open_store(self.settings.database_url,
-                                         pool_size=max(self.settings.concurrency, 5))
+        self.store = store or open_store(
+            self.settings.database_url, pool_size=max(self.settings.concurrency, 5)
+        )
         self.transport = transport or _default_transport(self.settings)
         self.clock = clock
         self.owner = self.settings.worker_id
-        self.executor = Executor(self.store, self.registry, self.owner, clock,
-                                 lease_ms=self.lease_ms)
+        self.executor = Executor(
+            self.store, self.registry, self.owner, clock, lease_ms=self.lease_ms
+        )
         self.operations = Operations(self.store, self.registry, self.transport, clock)
 
     @property
@@ -77,8 +79,9 @@ class SagaEngine:
         idempotency_key: str | None = None,
     ) -> Started:
         """Create an instance and ring a worker; the same idempotency key returns the same one."""
-        transition = self._new_instance(saga_name, payload, correlation_id, business_key,
-                                        idempotency_key)
+        transition = self._new_instance(
+            saga_name, payload, correlation_id, business_key, idempotency_key
+        )
         inst, created = self.store.create(transition, self.owner)
         if created:
             self.transport.publish(inst.id)
@@ -98,17 +101,18 @@ class SagaEngine:
         The instance is durable from its first commit: if this process dies,
         its lease expires and a worker takes it over.
         """
-        transition = self._new_instance(saga_name, payload, correlation_id, business_key,
-                                        idempotency_key, lease_owner=self.owner)
+        transition = self._new_instance(
+            saga_name,
+            payload,
+            correlation_id,
+            business_key,
+            idempotency_key,
+            lease_owner=self.owner,
+        )
         defn = self.registry.latest(saga_name)
         transition, step = self.executor.plan(transition, defn)
-        inst, created = self.store.create(transition, self.owner)
-        if not created:
-            return inst
-        if step is None:  # pragma: no cover - a new instance always has a first step to run
-            self.store.release(inst.id, self.owner)
-            return inst
-        return self.executor.resume(inst, step)
+        assert step is not None, "a new instance always has a first step to run"
+        return self.executor.start_inline(transition, step)
 
     def get(self, saga_id: str) -> Instance:
         return self.store.load(saga_id)
@@ -134,17 +138,29 @@ class SagaEngine:
     ) -> Transition:
         defn = self.registry.latest(saga_name)
         dumps(payload)
-        for field, value in (("correlation id", correlation_id), ("business key", business_key),
-                             ("idempotency key", idempotency_key)):
+        for field, value in (
+            ("correlation id", correlation_id),
+            ("business key", business_key),
+            ("idempotency key", idempotency_key),
+        ):
             _check_key(field, value)
         now = self.clock()
         inst = Instance(
-            id=new_id(now), saga_name=defn.name, saga_version=defn.version,
-            state=SagaState.RUNNING, cursor=0,
+            id=new_id(now),
+            saga_name=defn.name,
+            saga_version=defn.version,
+            state=SagaState.RUNNING,
+            cursor=0,
             steps=tuple(StepState(i, s.name) for i, s in enumerate(defn.steps)),
-            payload=payload, correlation_id=correlation_id or str(uuid.uuid4()),
-            business_key=business_key, idempotency_key=idempotency_key, version=1,
-            created_at=now, updated_at=now, last_progress_at=now, next_run_at=now,
+            payload=payload,
+            correlation_id=correlation_id or str(uuid.uuid4()),
+            business_key=business_key,
+            idempotency_key=idempotency_key,
+            version=1,
+            created_at=now,
+            updated_at=now,
+            last_progress_at=now,
+            next_run_at=now,
             lease_owner=lease_owner,
             lease_expires_at=now + self.lease_ms if lease_owner else None,
         )
@@ -164,4 +180,3 @@ def _default_transport(settings: Settings) -> Transport:
     if settings.redis_url:
         raise InvalidInput("SAGA_REDIS_URL", "the Redis transport is not available in this build")
     return InProcessQueue()
-

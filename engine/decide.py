@@ -72,18 +72,32 @@ def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
     if run.phase is Phase.ACTION:
         deadline = now + _ms(sdef.timeout.total_seconds())
         step = replace(
-            step, status=StepStatus.RUNNING, attempts=run.attempt, started_at=now,
-            finished_at=None, deadline_at=deadline,
+            step,
+            status=StepStatus.RUNNING,
+            attempts=run.attempt,
+            started_at=now,
+            finished_at=None,
+            deadline_at=deadline,
         )
     else:
         deadline = now + _ms(sdef.timeout.total_seconds())
         step = replace(
-            step, comp_status=CompensationStatus.RUNNING, comp_attempts=run.attempt,
-            comp_started_at=now, comp_finished_at=None, comp_deadline_at=deadline,
+            step,
+            comp_status=CompensationStatus.RUNNING,
+            comp_attempts=run.attempt,
+            comp_started_at=now,
+            comp_finished_at=None,
+            comp_deadline_at=deadline,
         )
     nxt = replace(inst.with_step(step), updated_at=now, next_run_at=deadline)
-    event = Event(EventKind.ATTEMPT_STARTED, run.index, run.phase, run.attempt,
-                  detail={"deadline_at": deadline})
+    event = Event(
+        EventKind.ATTEMPT_STARTED,
+        run.index,
+        run.phase,
+        run.attempt,
+        detail={"deadline_at": deadline},
+        at=now,
+    )
     return Transition(nxt, (event,))
 
 
@@ -93,14 +107,22 @@ def record_success(inst: Instance, defn: Saga, now: int, output: object = None) 
     phase = inst.phase
     attempt = step.attempts_of(phase)
     duration = now - ((step.started_at if phase is Phase.ACTION else step.comp_started_at) or now)
-    event = Event(EventKind.ATTEMPT_SUCCEEDED, step.index, phase, attempt,
-                  detail={"duration_ms": duration})
+    event = Event(
+        EventKind.ATTEMPT_SUCCEEDED,
+        step.index,
+        phase,
+        attempt,
+        detail={"duration_ms": duration},
+        at=now,
+    )
     if phase is Phase.ACTION:
-        done = replace(step, status=StepStatus.SUCCEEDED, finished_at=now, output=output,
-                       error=None)
+        done = replace(
+            step, status=StepStatus.SUCCEEDED, finished_at=now, output=output, error=None
+        )
         return Transition(inst.with_step(done), (event,)).then(advance(inst.with_step(done), now))
-    undone = replace(step, comp_status=CompensationStatus.COMPENSATED, comp_finished_at=now,
-                     comp_error=None)
+    undone = replace(
+        step, comp_status=CompensationStatus.COMPENSATED, comp_finished_at=now, comp_error=None
+    )
     return Transition(inst.with_step(undone), (event,)).then(
         next_compensation(inst.with_step(undone), now)
     )
@@ -115,7 +137,7 @@ def record_failure(
     sdef = defn.steps[step.index]
     policy = sdef.retry if phase is Phase.ACTION else sdef.compensation_retry
     attempt = step.attempts_of(phase)
-    event = _failure_event(step.index, phase, attempt, failure)
+    event = replace(_failure_event(step.index, phase, attempt, failure), at=now)
     if _may_retry(policy, step.budget_used(phase), failure, phase):
         retry_at = now + policy.delay_ms(step.budget_used(phase), rand)
         waiting = _mark_waiting(step, phase, failure, now)
@@ -132,18 +154,21 @@ def advance(inst: Instance, now: int) -> Transition:
     """Move past the current step (it succeeded or was skipped): next step, or completed."""
     nxt_index = inst.cursor + 1
     if nxt_index >= len(inst.steps):
-        done = replace(inst, state=SagaState.COMPLETED, next_run_at=None, updated_at=now,
-                       last_progress_at=now)
+        done = replace(
+            inst, state=SagaState.COMPLETED, next_run_at=None, updated_at=now, last_progress_at=now
+        )
         return Transition(done, (Event(EventKind.SAGA_COMPLETED),))
     moved = replace(inst, cursor=nxt_index, next_run_at=now, updated_at=now, last_progress_at=now)
     return Transition(moved)
 
 
-def start_compensation(inst: Instance, defn: Saga, through: int, now: int,
-                       reason: str) -> Transition:
+def start_compensation(
+    inst: Instance, defn: Saga, through: int, now: int, reason: str
+) -> Transition:
     """Compensate every started step up to ``through``, in reverse order."""
-    steps = tuple(_needs_undo(s, defn.steps[s.index]) if s.index <= through else s
-                  for s in inst.steps)
+    steps = tuple(
+        _needs_undo(s, defn.steps[s.index]) if s.index <= through else s for s in inst.steps
+    )
     marked = replace(inst, steps=steps, state=SagaState.COMPENSATING, updated_at=now)
     event = Event(EventKind.COMPENSATION_STARTED, through, detail={"reason": reason})
     return Transition(marked, (event,)).then(next_compensation(marked, now, from_index=through + 1))
@@ -154,17 +179,25 @@ def next_compensation(inst: Instance, now: int, from_index: int | None = None) -
     top = inst.cursor if from_index is None else from_index
     pending = [s.index for s in inst.steps[:top] if s.comp_status is CompensationStatus.PENDING]
     if not pending:
-        done = replace(inst, state=SagaState.COMPENSATED, next_run_at=None, updated_at=now,
-                       last_progress_at=now)
+        done = replace(
+            inst,
+            state=SagaState.COMPENSATED,
+            next_run_at=None,
+            updated_at=now,
+            last_progress_at=now,
+        )
         return Transition(done, (Event(EventKind.SAGA_COMPENSATED),))
-    moved = replace(inst, cursor=max(pending), next_run_at=now, updated_at=now,
-                    last_progress_at=now)
+    moved = replace(
+        inst, cursor=max(pending), next_run_at=now, updated_at=now, last_progress_at=now
+    )
     return Transition(moved)
 
 
 def _needs_undo(step: StepState, sdef: StepDef) -> StepState:
-    if step.action_started and sdef.compensation is not None and step.comp_status in (
-        CompensationStatus.NOT_NEEDED, CompensationStatus.PENDING
+    if (
+        step.action_started
+        and sdef.compensation is not None
+        and step.comp_status in (CompensationStatus.NOT_NEEDED, CompensationStatus.PENDING)
     ):
         return replace(step, comp_status=CompensationStatus.PENDING)
     return step
@@ -179,10 +212,20 @@ def _may_retry(policy: Retry, used: int, failure: Failure, phase: Phase) -> bool
 
 def _mark_waiting(step: StepState, phase: Phase, failure: Failure, now: int) -> StepState:
     if phase is Phase.ACTION:
-        return replace(step, status=StepStatus.PENDING, error=failure.message, finished_at=now,
-                       deadline_at=None)
-    return replace(step, comp_status=CompensationStatus.PENDING, comp_error=failure.message,
-                   comp_finished_at=now, comp_deadline_at=None)
+        return replace(
+            step,
+            status=StepStatus.PENDING,
+            error=failure.message,
+            finished_at=now,
+            deadline_at=None,
+        )
+    return replace(
+        step,
+        comp_status=CompensationStatus.PENDING,
+        comp_error=failure.message,
+        comp_finished_at=now,
+        comp_deadline_at=None,
+    )
 
 
 def _forward_exhausted(inst: Instance, defn: Saga, failure: Failure, now: int) -> Transition:
@@ -190,8 +233,18 @@ def _forward_exhausted(inst: Instance, defn: Saga, failure: Failure, now: int) -
     final = StepStatus.TIMED_OUT if failure.timed_out or failure.abandoned else StepStatus.FAILED
     failed = replace(step, status=final, error=failure.message, finished_at=now, deadline_at=None)
     inst = inst.with_step(failed)
-    gave_up = Transition(inst, (Event(EventKind.STEP_FAILED, step.index, Phase.ACTION,
-                                      step.attempts, error=failure.message),))
+    gave_up = Transition(
+        inst,
+        (
+            Event(
+                EventKind.STEP_FAILED,
+                step.index,
+                Phase.ACTION,
+                step.attempts,
+                error=failure.message,
+            ),
+        ),
+    )
     pivot = defn.pivot_index
     if pivot is not None and step.index > pivot:
         why = "a step after the pivot ran out of retries; it can only move forward"
@@ -203,20 +256,30 @@ def _forward_exhausted(inst: Instance, defn: Saga, failure: Failure, now: int) -
 
 
 def _dead_letter_compensation(inst: Instance, failure: Failure, now: int) -> Transition:
-    step = replace(inst.current, comp_status=CompensationStatus.FAILED, comp_error=failure.message,
-                   comp_finished_at=now, comp_deadline_at=None)
+    step = replace(
+        inst.current,
+        comp_status=CompensationStatus.FAILED,
+        comp_error=failure.message,
+        comp_finished_at=now,
+        comp_deadline_at=None,
+    )
     why = "a compensation ran out of retries"
     return _dead_letter(inst.with_step(step), Phase.COMPENSATE, failure, now, why)
 
 
-def _dead_letter(inst: Instance, phase: Phase, failure: Failure, now: int,
-                 why: str) -> Transition:
+def _dead_letter(inst: Instance, phase: Phase, failure: Failure, now: int, why: str) -> Transition:
     step = inst.current
     attempts = step.attempts_of(phase)
     parked = replace(inst, state=SagaState.FAILED, next_run_at=None, updated_at=now)
     record = DeadLetter(step.index, phase, failure.message, failure.traceback, attempts)
-    event = Event(EventKind.DEAD_LETTERED, step.index, phase, attempts, error=failure.message,
-                  detail={"why": why})
+    event = Event(
+        EventKind.DEAD_LETTERED,
+        step.index,
+        phase,
+        attempts,
+        error=failure.message,
+        detail={"why": why},
+    )
     return Transition(parked, (event,), dead_letter=record)
 
 

@@ -55,7 +55,11 @@ class Retry:
 
     def delay_ms(self, attempt: int, rand: float) -> int:
         """The wait after failed attempt ``attempt``; ``rand`` in [0, 1) spreads it."""
-        base = self.initial_delay.total_seconds() * self.backoff ** max(attempt - 1, 0)
+        initial = self.initial_delay.total_seconds()
+        try:
+            base = initial * self.backoff ** max(attempt - 1, 0)
+        except OverflowError:  # a long retry budget: the cap below applies anyway
+            base = float("inf") if initial > 0 else 0.0
         capped = min(base, self.max_delay.total_seconds())
         spread = 1.0 + self.jitter * (2.0 * rand - 1.0)
         return max(int(capped * spread * 1000), 0)
@@ -148,7 +152,7 @@ class Saga:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name or ""):
             raise DefinitionError(
-                repr(self.name), None, "a saga name is letters, digits, '_', '.', '-' (max 100)"
+                str(self.name), None, "a saga name is letters, digits, '_', '.', '-' (max 100)"
             )
         if self.version < 1:
             raise DefinitionError(self.name, None, f"version must be 1 or more, not {self.version}")
@@ -266,7 +270,10 @@ class Saga:
             raise fail("the compensation is not callable")
         if step.timeout <= timedelta(0):
             raise fail(f"timeout must be positive, got {step.timeout}")
-        for label, policy in (("retry", step.retry), ("compensation_retry", step.compensation_retry)):
+        for label, policy in (
+            ("retry", step.retry),
+            ("compensation_retry", step.compensation_retry),
+        ):
             if problem := policy.problem():
                 raise fail(f"{label}: {problem}")
         if after_pivot and step.kind is StepKind.PIVOT:

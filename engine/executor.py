@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Connection
@@ -44,8 +45,15 @@ class _Step:
 class Executor:
     """Advances instances whose lease ``owner`` holds; safe to share between threads."""
 
-    def __init__(self, store: Store, registry: Registry, owner: str, clock: Clock,
-                 lease_ms: int = 30_000, step_threads: int = 16) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        owner: str,
+        clock: Clock,
+        lease_ms: int = 30_000,
+        step_threads: int = 16,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.owner = owner
@@ -72,8 +80,9 @@ class Executor:
         """Go on with an attempt already begun and stored (a new inline instance)."""
         return self._loop(inst, Transition(inst), step, step.defn)
 
-    def _loop(self, inst: Instance, transition: Transition, step: _Step | None,
-              defn: Saga) -> Instance:
+    def _loop(
+        self, inst: Instance, transition: Transition, step: _Step | None, defn: Saga
+    ) -> Instance:
         self.leases.hold(inst.id)
         try:
             while True:
@@ -92,8 +101,10 @@ class Executor:
         now = self.clock()
         decision = decide(transition.instance, now)
         if isinstance(decision, Recover):
-            failure = Failure("the worker running this attempt stopped before recording an "
-                              "outcome", abandoned=True)
+            failure = Failure(
+                "the worker running this attempt stopped before recording an outcome",
+                abandoned=True,
+            )
             transition = transition.then(
                 record_failure(transition.instance, defn, now, failure, self._random())
             )
@@ -106,9 +117,10 @@ class Executor:
     def _store(self, inst: Instance, transition: Transition, step: _Step | None) -> Instance:
         # Every change carries at least one event; none means nothing to store.
         if transition.events:
-            return self.store.save(inst, transition, self.owner, owner=self.owner,
-                                   release=step is None)
-        if step is None:
+            return self.store.save(
+                inst, transition, self.owner, owner=self.owner, release=step is None
+            )
+        if step is None and inst.lease_owner == self.owner:
             self.store.release(inst.id, self.owner)
         return inst
 
@@ -119,22 +131,118 @@ class Executor:
         outcome = self._run_in_thread(inst, step)
         return (inst, *self.plan(self._outcome(inst, step, outcome), step.defn))
 
-    def _run_transactional(self, inst: Instance, step: _Step,
-                           ) -> tuple[Instance, Transition, _Step | None]:
-        # The action's writes and the recorded result commit together, so the
-        # effect happens exactly once; on any error both roll back.
+    def start_inline(self, transition: Transition, step: _Step) -> Instance:
+        """Create a new instance and run it in this thread; returns where it stopped.
+
+        When the first step is transactional, the instance row is inserted in
+        the same transaction as the steps' effects, already in the state they
+        lead to: a saga of transactional steps commits once.
+        """
+        if not step.defn.steps[step.run.index].transactional:
+            inst, created = self.store.create(transition, self.owner)
+            return self.resume(inst, step) if created else inst
         try:
-            with self.store.transaction() as conn:
-                output = self._call(inst, step, conn)
-                dumps(output)
-                transition, nxt = self.plan(self._outcome(inst, step, output), step.defn)
-                saved = self.store.save(inst, transition, self.owner, owner=self.owner,
-                                        release=nxt is None, conn=conn)
-        except ConcurrencyConflict:
-            raise
-        except Exception as exc:  # the step failed: record it in a fresh transaction
-            return (inst, *self.plan(self._outcome(inst, step, _failure(exc, step)), step.defn))
+            try:
+                inst, nxt = self._start_in_one_transaction(transition, step, contain=False)
+            except _StepRaised:
+                inst, nxt = self._start_in_one_transaction(transition, step, contain=True)
+        except _Duplicate as duplicate:
+            return duplicate.instance
+        return inst if nxt is None else self._loop(inst, Transition(inst), nxt, step.defn)
+
+    def _start_in_one_transaction(
+        self,
+        transition: Transition,
+        step: _Step,
+        contain: bool,
+    ) -> tuple[Instance, _Step | None]:
+        with self.store.transaction() as conn:
+            final, nxt = self._run_batch(transition, step, conn, contain)
+            if nxt is None:
+                final = replace(
+                    final, instance=replace(final.instance, lease_owner=None, lease_expires_at=None)
+                )
+            inst, created = self.store.create(final, self.owner, conn=conn)
+            if not created:
+                raise _Duplicate(inst)  # roll back the effects: the saga already exists
+        return inst, nxt
+
+    def _run_transactional(
+        self,
+        inst: Instance,
+        step: _Step,
+    ) -> tuple[Instance, Transition, _Step | None]:
+        # The actions' writes and the recorded results commit together, so each
+        # effect happens exactly once; on any error they roll back together.
+        try:
+            return self._run_in_one_transaction(inst, step, contain=False)
+        except _StepRaised:
+            return self._run_in_one_transaction(inst, step, contain=True)
+
+    def _run_in_one_transaction(
+        self,
+        inst: Instance,
+        step: _Step,
+        contain: bool,
+    ) -> tuple[Instance, Transition, _Step | None]:
+        with self.store.transaction() as conn:
+            transition, nxt = self._run_batch(Transition(inst), step, conn, contain)
+            saved = self.store.save(
+                inst, transition, self.owner, owner=self.owner, release=nxt is None, conn=conn
+            )
         return saved, Transition(saved), nxt
+
+    def _run_batch(
+        self, transition: Transition, step: _Step, conn: Connection, contain: bool
+    ) -> tuple[Transition, _Step | None]:
+        """Run transactional attempts back to back on ``conn`` while they are due now.
+
+        Optimistically (``contain=False``) a raising step aborts the whole
+        batch with :class:`_StepRaised`; the caller then runs it again with
+        ``contain=True``, where each attempt sits in a savepoint, so a failure
+        undoes only that attempt and is recorded, and what follows it (a
+        retry, the compensations) still commits once.
+        """
+        current = step
+        while True:
+            inst = transition.instance
+            outcome = self._attempt(inst, current, conn, contain)
+            transition, nxt = self.plan(
+                transition.then(self._outcome(inst, current, outcome)), step.defn
+            )
+            if nxt is None or not nxt.defn.steps[nxt.run.index].transactional:
+                return transition, nxt
+            current = nxt
+
+    def _attempt(self, inst: Instance, step: _Step, conn: Connection, contain: bool) -> object:
+        if not contain:
+            return self._call_transactional(inst, step, conn)
+        savepoint = conn.begin_nested()
+        try:
+            output = self._call_transactional(inst, step, conn)
+        except _StepRaised as raised:
+            savepoint.rollback()
+            return _failure(raised.exc, step)
+        savepoint.commit()
+        return output
+
+    def _call_transactional(self, inst: Instance, step: _Step, conn: Connection) -> Any:
+        sdef = step.defn.steps[step.run.index]
+        started = time.monotonic()
+        try:
+            output = self._call(inst, step, conn)
+            dumps(output)
+        except Exception as exc:
+            raise _StepRaised(exc) from exc
+        elapsed = time.monotonic() - started
+        if elapsed > sdef.timeout.total_seconds():
+            raise _StepRaised(
+                TimeoutError(
+                    f"took {elapsed:.3f}s, over its {sdef.timeout.total_seconds():g}s timeout; "
+                    "its writes were rolled back"
+                )
+            )
+        return output
 
     def _run_in_thread(self, inst: Instance, step: _Step) -> object:
         sdef = step.defn.steps[step.run.index]
@@ -150,8 +258,10 @@ class Executor:
         try:
             dumps(output)
         except InvalidInput as exc:
-            return Failure(f"step {sdef.name!r} returned a value that is not JSON: {exc.problem}",
-                           retryable=False)
+            return Failure(
+                f"step {sdef.name!r} returned a value that is not JSON: {exc.problem}",
+                retryable=False,
+            )
         return output
 
     def _call(self, inst: Instance, step: _Step, conn: Connection | None) -> Any:
@@ -165,10 +275,17 @@ class Executor:
     def context(self, inst: Instance, run: Run, conn: Connection | None = None) -> StepContext:
         name = inst.steps[run.index].name
         return StepContext(
-            saga_id=inst.id, saga_name=inst.saga_name, correlation_id=inst.correlation_id,
-            business_key=inst.business_key, payload=inst.payload, outputs=inst.outputs(),
-            step=name, phase=run.phase, attempt=run.attempt,
-            idempotency_key=f"{inst.id}:{name}:{run.phase}", connection=conn,
+            saga_id=inst.id,
+            saga_name=inst.saga_name,
+            correlation_id=inst.correlation_id,
+            business_key=inst.business_key,
+            payload=inst.payload,
+            outputs=inst.outputs(),
+            step=name,
+            phase=run.phase,
+            attempt=run.attempt,
+            idempotency_key=f"{inst.id}:{name}:{run.phase}",
+            connection=conn,
         )
 
     def _outcome(self, inst: Instance, step: _Step, outcome: object) -> Transition:
@@ -177,15 +294,29 @@ class Executor:
             return record_failure(inst, step.defn, now, outcome, self._random())
         return record_success(inst, step.defn, now, outcome)
 
-    def _after_conflict(self, inst: Instance, defn: Saga, conflict: ConcurrencyConflict,
-                        ) -> tuple[Instance, Transition, _Step | None]:
+    def _after_conflict(
+        self,
+        inst: Instance,
+        defn: Saga,
+        conflict: ConcurrencyConflict,
+    ) -> tuple[Instance, Transition, _Step | None]:
         # An operator (or, after a lost lease, another worker) changed the
         # instance: what we were about to store is stale. Note it on the
         # timeline, then follow the instance as it now is.
         log.info("saga %s: %s", inst.id, conflict)
-        self.store.append_events(inst, [Event(EventKind.RESULT_DISCARDED, inst.cursor,
-                                              inst.phase, detail={"why": str(conflict)})],
-                                 self.owner, self.clock())
+        self.store.append_events(
+            inst,
+            [
+                Event(
+                    EventKind.RESULT_DISCARDED,
+                    inst.cursor,
+                    inst.phase,
+                    detail={"why": str(conflict)},
+                )
+            ],
+            self.owner,
+            self.clock(),
+        )
         fresh = self.store.load(inst.id)
         if fresh.lease_owner != self.owner:
             return fresh, Transition(fresh), None
@@ -195,8 +326,13 @@ class Executor:
     def _late_result(self, inst: Instance, step: _Step, future: Future[Any]) -> None:
         exc = future.exception()
         outcome = "raised " + repr(exc) if exc else "returned"
-        event = Event(EventKind.RESULT_DISCARDED, step.run.index, step.run.phase, step.run.attempt,
-                      detail={"why": f"the attempt {outcome} after its deadline"})
+        event = Event(
+            EventKind.RESULT_DISCARDED,
+            step.run.index,
+            step.run.phase,
+            step.run.attempt,
+            detail={"why": f"the attempt {outcome} after its deadline"},
+        )
         try:
             self.store.append_events(inst, [event], self.owner, self.clock())
         except Exception:  # the timeline note is best effort; the outcome was already decided
@@ -212,6 +348,22 @@ class Executor:
     def _random(self) -> float:
         with self._lock:
             return self._rand.random()
+
+
+class _StepRaised(Exception):
+    """A transactional step raised: its transaction (or savepoint) must roll back."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _Duplicate(Exception):
+    """The idempotency key named an existing instance: undo this transaction."""
+
+    def __init__(self, instance: Instance) -> None:
+        super().__init__(instance.id)
+        self.instance = instance
 
 
 def _failure(exc: BaseException, step: _Step) -> Failure:
@@ -241,8 +393,9 @@ class Heartbeat:
         with self._lock:
             self._held[saga_id] = self._held.get(saga_id, 0) + 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._beat, name="saga-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._beat, name="saga-heartbeat", daemon=True
+                )
                 self._thread.start()
 
     def drop(self, saga_id: str) -> None:

@@ -43,22 +43,28 @@ class IdempotencyGuard:
         """As :meth:`run_once`, inside the caller's transaction (a transactional step)."""
         if self._claim(conn, key):
             result = effect(conn)
-            conn.execute(t.idempotency_keys.update().where(t.idempotency_keys.c.key == key)
-                         .values(result=_jsonable(result)))
+            conn.execute(
+                t.idempotency_keys.update()
+                .where(t.idempotency_keys.c.key == key)
+                .values(result=_jsonable(result))
+            )
             return result
-        return self._replay(conn, key)
+        replayed: T = self._replay(conn, key)
+        return replayed
 
     def seen(self, key: str) -> bool:
         with self.db.connect() as conn:
-            found = conn.execute(sa.select(t.idempotency_keys.c.key)
-                                 .where(t.idempotency_keys.c.key == key)).first()
+            found = conn.execute(
+                sa.select(t.idempotency_keys.c.key).where(t.idempotency_keys.c.key == key)
+            ).first()
             return found is not None
 
     def duplicates(self, key: str) -> int:
         """How many repeated calls with ``key`` the guard absorbed."""
         with self.db.connect() as conn:
-            count = conn.execute(sa.select(t.idempotency_keys.c.duplicates)
-                                 .where(t.idempotency_keys.c.key == key)).scalar()
+            count = conn.execute(
+                sa.select(t.idempotency_keys.c.duplicates).where(t.idempotency_keys.c.key == key)
+            ).scalar()
             return int(count or 0)
 
     def _claim(self, conn: Connection, key: str) -> bool:
@@ -82,8 +88,9 @@ class IdempotencyGuard:
 
     def _replay(self, conn: Connection, key: str) -> Any:
         table = t.idempotency_keys
-        conn.execute(table.update().where(table.c.key == key)
-                     .values(duplicates=table.c.duplicates + 1))
+        conn.execute(
+            table.update().where(table.c.key == key).values(duplicates=table.c.duplicates + 1)
+        )
         return conn.execute(sa.select(table.c.result).where(table.c.key == key)).scalar()
 
 

@@ -61,8 +61,9 @@ def retry_now(inst: Instance, defn: Saga, now: int) -> Transition:
         step = replace(step, status=StepStatus.PENDING, attempts_base=step.attempts)
         state = SagaState.RUNNING
     else:
-        step = replace(step, comp_status=CompensationStatus.PENDING,
-                       comp_attempts_base=step.comp_attempts)
+        step = replace(
+            step, comp_status=CompensationStatus.PENDING, comp_attempts_base=step.comp_attempts
+        )
         state = SagaState.COMPENSATING
     nxt = replace(inst.with_step(step), state=state, next_run_at=now, updated_at=now)
     return Transition(nxt, (_event(EventKind.OPERATOR_RETRY, inst),))
@@ -75,12 +76,19 @@ def skip_step(inst: Instance, defn: Saga, now: int) -> Transition:
     step = inst.current
     event = _event(EventKind.OPERATOR_SKIP, inst)
     if inst.phase is Phase.ACTION:
-        skipped = inst.with_step(replace(step, status=StepStatus.SKIPPED, finished_at=now,
-                                         deadline_at=None))
+        skipped = inst.with_step(
+            replace(step, status=StepStatus.SKIPPED, finished_at=now, deadline_at=None)
+        )
         running = replace(skipped, state=SagaState.RUNNING)
         return Transition(running, (event,)).then(advance(running, now))
-    undone = inst.with_step(replace(step, comp_status=CompensationStatus.SKIPPED,
-                                    comp_finished_at=now, comp_deadline_at=None))
+    undone = inst.with_step(
+        replace(
+            step,
+            comp_status=CompensationStatus.SKIPPED,
+            comp_finished_at=now,
+            comp_deadline_at=None,
+        )
+    )
     compensating = replace(undone, state=SagaState.COMPENSATING)
     return Transition(compensating, (event,)).then(next_compensation(compensating, now))
 
@@ -89,15 +97,21 @@ def force_compensate(inst: Instance, defn: Saga, now: int) -> Transition:
     """Stop going forward and undo every started step, from the current one down."""
     _refuse_final(inst, "compensate")
     if inst.phase is Phase.COMPENSATE:
-        raise InvalidTransition(inst.id, "compensate", inst.state,
-                                "it is already compensating; retry or skip the compensation")
+        raise InvalidTransition(
+            inst.id,
+            "compensate",
+            inst.state,
+            "it is already compensating; retry or skip the compensation",
+        )
     pivot = defn.pivot_index
     passed_pivot = pivot is not None and (
         inst.cursor > pivot or inst.steps[pivot].status is StepStatus.SUCCEEDED
     )
     if pivot is not None and passed_pivot:
         raise InvalidTransition(
-            inst.id, "compensate", inst.state,
+            inst.id,
+            "compensate",
+            inst.state,
             f"it passed its pivot step {defn.steps[pivot].name!r} and can only move forward",
         )
     event = _event(EventKind.OPERATOR_COMPENSATE, inst)
@@ -110,8 +124,13 @@ def force_compensate(inst: Instance, defn: Saga, now: int) -> Transition:
 def cancel(inst: Instance, defn: Saga, now: int) -> Transition:
     """Stop the instance where it stands; nothing more runs, nothing is undone."""
     _refuse_final(inst, "cancel")
-    stopped = replace(_stop_in_flight(inst, now), state=SagaState.CANCELLED, next_run_at=None,
-                      updated_at=now, last_progress_at=now)
+    stopped = replace(
+        _stop_in_flight(inst, now),
+        state=SagaState.CANCELLED,
+        next_run_at=None,
+        updated_at=now,
+        last_progress_at=now,
+    )
     return Transition(stopped, (_event(EventKind.OPERATOR_CANCEL, inst),))
 
 
@@ -120,8 +139,13 @@ def _stop_in_flight(inst: Instance, now: int) -> Instance:
     # compensation that follows also undoes it, and a late result is discarded.
     step = inst.current
     if step.status is StepStatus.RUNNING:
-        step = replace(step, status=StepStatus.TIMED_OUT, finished_at=now, deadline_at=None,
-                       error="stopped by an operator while an attempt was in flight")
+        step = replace(
+            step,
+            status=StepStatus.TIMED_OUT,
+            finished_at=now,
+            deadline_at=None,
+            error="stopped by an operator while an attempt was in flight",
+        )
     return replace(inst.with_step(step), updated_at=now)
 
 
@@ -140,7 +164,9 @@ def _refuse_in_flight(inst: Instance, operation: str) -> None:
     if in_flight and inst.state is not SagaState.FAILED:
         attempt = step.attempts_of(inst.phase)
         raise InvalidTransition(
-            inst.id, operation, inst.state,
+            inst.id,
+            operation,
+            inst.state,
             f"attempt {attempt} of step {step.name!r} is running now; wait for its outcome "
             "or its deadline, or force-compensate or cancel",
         )
@@ -149,5 +175,6 @@ def _refuse_in_flight(inst: Instance, operation: str) -> None:
 def _event(kind: EventKind, inst: Instance) -> Event:
     step = inst.current
     phase = inst.phase
-    return Event(kind, step.index, phase, step.attempts_of(phase),
-                 detail={"state_before": str(inst.state)})
+    return Event(
+        kind, step.index, phase, step.attempts_of(phase), detail={"state_before": str(inst.state)}
+    )

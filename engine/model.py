@@ -132,6 +132,7 @@ class Event:
     error: str | None = None
     traceback: str | None = None
     detail: dict[str, Any] | None = None
+    at: int | None = None  # when it happened; the store uses the save time if unset
 
 
 @dataclass(frozen=True)

@@ -24,51 +24,76 @@ MAX_REASON = 2000
 class Operations:
     """Operator actions on saga instances."""
 
-    def __init__(self, store: Store, registry: Registry, transport: Transport,
-                 clock: Callable[[], int]) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, transport: Transport, clock: Callable[[], int]
+    ) -> None:
         self.store = store
         self.registry = registry
         self.transport = transport
         self.clock = clock
 
-    def retry(self, saga_id: str, *, actor: str, reason: str,
-              expected_version: int | None = None) -> Instance:
+    def retry(
+        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+    ) -> Instance:
         """Run the failed or waiting step (or compensation) now, with a fresh retry budget."""
-        return self.act(Action.RETRY, saga_id, actor=actor, reason=reason,
-                        expected_version=expected_version)
+        return self.act(
+            Action.RETRY, saga_id, actor=actor, reason=reason, expected_version=expected_version
+        )
 
-    def skip(self, saga_id: str, *, actor: str, reason: str,
-             expected_version: int | None = None) -> Instance:
+    def skip(
+        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+    ) -> Instance:
         """Mark the current step (or its compensation) done by hand and go on."""
-        return self.act(Action.SKIP, saga_id, actor=actor, reason=reason,
-                        expected_version=expected_version)
+        return self.act(
+            Action.SKIP, saga_id, actor=actor, reason=reason, expected_version=expected_version
+        )
 
-    def compensate(self, saga_id: str, *, actor: str, reason: str,
-                   expected_version: int | None = None) -> Instance:
+    def compensate(
+        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+    ) -> Instance:
         """Stop going forward and compensate every started step, from the current one."""
-        return self.act(Action.COMPENSATE, saga_id, actor=actor, reason=reason,
-                        expected_version=expected_version)
+        return self.act(
+            Action.COMPENSATE,
+            saga_id,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+        )
 
-    def cancel(self, saga_id: str, *, actor: str, reason: str,
-               expected_version: int | None = None) -> Instance:
+    def cancel(
+        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+    ) -> Instance:
         """Stop the instance where it stands; nothing more runs and nothing is undone."""
-        return self.act(Action.CANCEL, saga_id, actor=actor, reason=reason,
-                        expected_version=expected_version)
+        return self.act(
+            Action.CANCEL, saga_id, actor=actor, reason=reason, expected_version=expected_version
+        )
 
-    def act(self, action: Action, saga_id: str, *, actor: str, reason: str,
-            expected_version: int | None = None) -> Instance:
+    def act(
+        self,
+        action: Action,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+    ) -> Instance:
         """Apply ``action`` if the state allows it and nobody changed the instance since."""
         actor, reason = _check_actor(actor), _check_reason(reason)
         with self.store.transaction() as conn:
             inst = self.store.load(saga_id, conn)
             if expected_version is not None and inst.version != expected_version:
-                raise ConcurrencyConflict(saga_id, expected_version, inst.version,
-                                          f"it is {inst.state} at step {inst.current.name!r}")
+                raise ConcurrencyConflict(
+                    saga_id,
+                    expected_version,
+                    inst.version,
+                    f"it is {inst.state} at step {inst.current.name!r}",
+                )
             defn = self.registry.get(inst.saga_name, inst.saga_version)
             transition = interventions.apply(action, inst, defn, self.clock())
             record = OperatorRecord(actor=actor, action=str(action), reason=reason)
-            saved = self.store.save(inst, transition, f"operator:{actor}", conn=conn,
-                                    operator=record)
+            saved = self.store.save(
+                inst, transition, f"operator:{actor}", conn=conn, operator=record
+            )
         if saved.state.is_active:
             self.transport.publish(saved.id)
         return saved

@@ -133,8 +133,9 @@ class Queries:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def list_instances(self, flt: InstanceFilter = InstanceFilter(), *, limit: int = 50,
-                       cursor: str | None = None) -> Page:
+    def list_instances(
+        self, flt: InstanceFilter = InstanceFilter(), *, limit: int = 50, cursor: str | None = None
+    ) -> Page:
         """Newest first; pass ``page.next_cursor`` back as ``cursor`` for the next page."""
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
@@ -162,13 +163,16 @@ class Queries:
         if saga_name:
             query = query.where(i.saga_name == saga_name)
         with self.store.db.connect() as c:
-            found = dict(c.execute(query).tuples().all())
+            found: dict[str, int] = {str(k): int(v) for k, v in c.execute(query).tuples()}
         return {str(st): int(found.get(str(st), 0)) for st in SagaState}
 
     def saga_names(self) -> list[str]:
         with self.store.db.connect() as c:
-            return list(c.execute(sa.select(t.instances.c.saga_name).distinct()
-                                  .order_by(t.instances.c.saga_name)).scalars())
+            return list(
+                c.execute(
+                    sa.select(t.instances.c.saga_name).distinct().order_by(t.instances.c.saga_name)
+                ).scalars()
+            )
 
     def timeline(self, saga_id: str) -> list[EventRecord]:
         """Every event of one instance, oldest first."""
@@ -177,8 +181,9 @@ class Queries:
             rows = c.execute(sa.select(t.events).where(e.saga_id == saga_id).order_by(e.id))
             return [EventRecord(**r) for r in rows.mappings()]
 
-    def dead_letters(self, *, saga_id: str | None = None, open_only: bool = True,
-                     limit: int = 200) -> list[DeadLetterRecord]:
+    def dead_letters(
+        self, *, saga_id: str | None = None, open_only: bool = True, limit: int = 200
+    ) -> list[DeadLetterRecord]:
         """Dead-letter records, newest first."""
         d = t.dead_letters.c
         query = sa.select(t.dead_letters).order_by(d.id.desc()).limit(limit)
@@ -189,9 +194,15 @@ class Queries:
         with self.store.db.connect() as c:
             return [DeadLetterRecord(**r) for r in c.execute(query).mappings()]
 
-    def operator_actions(self, *, saga_id: str | None = None, actor: str | None = None,
-                         action: str | None = None, limit: int = 200,
-                         before_id: int | None = None) -> list[OperatorActionRecord]:
+    def operator_actions(
+        self,
+        *,
+        saga_id: str | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+    ) -> list[OperatorActionRecord]:
         """The audit log, newest first."""
         a = t.operator_actions.c
         query = sa.select(t.operator_actions).order_by(a.id.desc()).limit(limit)
@@ -230,12 +241,20 @@ def _conditions(flt: InstanceFilter) -> list[Any]:
 
 def _summary(row: Any) -> InstanceSummary:
     return InstanceSummary(
-        id=row["id"], saga_name=row["saga_name"], saga_version=row["saga_version"],
-        state=row["state"], current_step=row["current_step"],
-        current_step_name=row["current_step_name"], step_count=row["step_count"],
-        business_key=row["business_key"], correlation_id=row["correlation_id"],
-        version=row["version"], created_at=row["created_at"], updated_at=row["updated_at"],
-        last_progress_at=row["last_progress_at"], next_run_at=row["next_run_at"],
+        id=row["id"],
+        saga_name=row["saga_name"],
+        saga_version=row["saga_version"],
+        state=row["state"],
+        current_step=row["current_step"],
+        current_step_name=row["current_step_name"],
+        step_count=row["step_count"],
+        business_key=row["business_key"],
+        correlation_id=row["correlation_id"],
+        version=row["version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_progress_at=row["last_progress_at"],
+        next_run_at=row["next_run_at"],
         lease_owner=row["lease_owner"],
     )
 

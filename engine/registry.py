@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from engine.definition import Saga
 from engine.errors import DefinitionError, UnknownSaga
@@ -40,5 +40,5 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
-    def __iter__(self) -> Iterable[Saga]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Saga]:
         return (s for versions in self._by_name.values() for s in versions.values())

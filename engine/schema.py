@@ -41,11 +41,14 @@ instances = sa.Table(
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_expires_at", Millis, nullable=True),
     sa.Index(
-        "ix_saga_instances_due", "next_run_at",
-        postgresql_where=sa.text(ACTIVE), sqlite_where=sa.text(ACTIVE),
+        "ix_saga_instances_due",
+        "next_run_at",
+        postgresql_where=sa.text(ACTIVE),
+        sqlite_where=sa.text(ACTIVE),
     ),
     sa.Index(
-        "ix_saga_instances_leased", "lease_expires_at",
+        "ix_saga_instances_leased",
+        "lease_expires_at",
         postgresql_where=sa.text("lease_owner IS NOT NULL"),
         sqlite_where=sa.text("lease_owner IS NOT NULL"),
     ),
@@ -59,8 +62,12 @@ instances = sa.Table(
 steps = sa.Table(
     "saga_steps",
     metadata,
-    sa.Column("saga_id", sa.String(36), sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
-              primary_key=True),
+    sa.Column(
+        "saga_id",
+        sa.String(36),
+        sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     sa.Column("step_index", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("status", sa.String(20), nullable=False),
@@ -118,7 +125,8 @@ dead_letters = sa.Table(
     sa.Column("resolution", sa.String(40), nullable=True),
     sa.Index("ix_saga_dead_letters_saga", "saga_id"),
     sa.Index(
-        "ix_saga_dead_letters_open", "created_at",
+        "ix_saga_dead_letters_open",
+        "created_at",
         postgresql_where=sa.text("resolved_at IS NULL"),
         sqlite_where=sa.text("resolved_at IS NULL"),
     ),
@@ -151,4 +159,19 @@ idempotency_keys = sa.Table(
     sa.Column("result", JsonType, nullable=True),
     sa.Column("created_at", Millis, nullable=False),
     sa.Column("duplicates", sa.Integer, nullable=False, server_default="0"),
+)
+
+users = sa.Table(
+    "saga_users",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(150), nullable=False),
+    sa.Column("password_hash", sa.String(300), nullable=False),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("updated_at", Millis, nullable=False),
+    sa.Column("created_by", sa.String(150), nullable=True),
+    sa.Column("last_login_at", Millis, nullable=True),
+    sa.Index("uq_saga_users_name", "name", unique=True),
 )

@@ -28,6 +28,31 @@ log = logging.getLogger(__name__)
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _STEP_FIELDS = [f.name for f in fields(StepState) if f.name != "index"]
+_INSTANCE_FIELDS = ["state", "current_step", "updated_at", "last_progress_at", "next_run_at"]
+
+
+def _build_save_statement(with_owner: bool, release: bool) -> sa.Update:
+    # Built once: constructing statements per call costs more CPU than running them.
+    i = t.instances.c
+    cond = [i.id == sa.bindparam("b_id"), i.version == sa.bindparam("b_version")]
+    if with_owner:
+        cond.append(i.lease_owner == sa.bindparam("b_owner"))
+    values: dict[str, Any] = {name: sa.bindparam(name) for name in _INSTANCE_FIELDS}
+    values["version"] = sa.bindparam("b_version") + 1
+    if release:
+        values.update(lease_owner=None, lease_expires_at=None)
+    return t.instances.update().where(*cond).values(values)
+
+
+_SAVE = {(o, r): _build_save_statement(o, r) for o in (False, True) for r in (False, True)}
+_UPDATE_STEP = (
+    t.steps.update()
+    .where(
+        t.steps.c.saga_id == sa.bindparam("b_saga_id"),
+        t.steps.c.step_index == sa.bindparam("b_index"),
+    )
+    .values({name: sa.bindparam(name) for name in _STEP_FIELDS})
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +86,12 @@ class Store:
 
     # -- writes -------------------------------------------------------------
 
-    def create(self, transition: Transition, actor: str, conn: Connection | None = None,
-               ) -> tuple[Instance, bool]:
+    def create(
+        self,
+        transition: Transition,
+        actor: str,
+        conn: Connection | None = None,
+    ) -> tuple[Instance, bool]:
         """Insert a new instance; with an idempotency key already used, return that one."""
         with self._tx(conn) as c:
             inst = transition.instance
@@ -93,15 +122,9 @@ class Store:
         new = transition.instance
         now = new.updated_at
         with self._tx(conn) as c:
-            values = _instance_changes(new)
-            values["version"] = old.version + 1
-            if release:
-                values["lease_owner"] = None
-                values["lease_expires_at"] = None
-            cond = [t.instances.c.id == old.id, t.instances.c.version == old.version]
-            if owner is not None:
-                cond.append(t.instances.c.lease_owner == owner)
-            done = c.execute(t.instances.update().where(*cond).values(values)).rowcount
+            params = _instance_changes(new)
+            params.update(b_id=old.id, b_version=old.version, b_owner=owner)
+            done = c.execute(_SAVE[owner is not None, release], params).rowcount
             if done != 1:
                 raise self._conflict(c, old, owner)
             self._update_steps(c, old, new)
@@ -128,9 +151,13 @@ class Store:
             i = t.instances.c
             taken = c.execute(
                 t.instances.update()
-                .where(i.id == saga_id, i.state.in_(_ACTIVE),
-                       sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now,
-                              i.lease_owner == owner))
+                .where(
+                    i.id == saga_id,
+                    i.state.in_(_ACTIVE),
+                    sa.or_(
+                        i.lease_owner.is_(None), i.lease_expires_at < now, i.lease_owner == owner
+                    ),
+                )
                 .values(lease_owner=owner, lease_expires_at=now + ttl_ms)
             ).rowcount
             return self._load(c, saga_id) if taken else None
@@ -142,8 +169,11 @@ class Store:
             if not ids:
                 return []
             i = t.instances.c
-            c.execute(t.instances.update().where(i.id.in_(ids))
-                      .values(lease_owner=owner, lease_expires_at=now + ttl_ms))
+            c.execute(
+                t.instances.update()
+                .where(i.id.in_(ids))
+                .values(lease_owner=owner, lease_expires_at=now + ttl_ms)
+            )
             return ids
 
     def renew(self, owner: str, saga_ids: Sequence[str], ttl_ms: int, now: int) -> int:
@@ -152,16 +182,22 @@ class Store:
             return 0
         with self.transaction() as c:
             i = t.instances.c
-            return int(c.execute(
-                t.instances.update().where(i.id.in_(list(saga_ids)), i.lease_owner == owner)
-                .values(lease_expires_at=now + ttl_ms)
-            ).rowcount)
+            return int(
+                c.execute(
+                    t.instances.update()
+                    .where(i.id.in_(list(saga_ids)), i.lease_owner == owner)
+                    .values(lease_expires_at=now + ttl_ms)
+                ).rowcount
+            )
 
     def release(self, saga_id: str, owner: str) -> None:
         with self.transaction() as c:
             i = t.instances.c
-            c.execute(t.instances.update().where(i.id == saga_id, i.lease_owner == owner)
-                      .values(lease_owner=None, lease_expires_at=None))
+            c.execute(
+                t.instances.update()
+                .where(i.id == saga_id, i.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
 
     # -- reads --------------------------------------------------------------
 
@@ -170,18 +206,27 @@ class Store:
             return self._load(c, saga_id)
 
     def _load(self, c: Connection, saga_id: str) -> Instance:
-        row = c.execute(sa.select(t.instances).where(t.instances.c.id == saga_id)).mappings().first()
+        row = (
+            c.execute(sa.select(t.instances).where(t.instances.c.id == saga_id)).mappings().first()
+        )
         if row is None:
             raise SagaNotFound(saga_id)
-        step_rows = c.execute(
-            sa.select(t.steps).where(t.steps.c.saga_id == saga_id).order_by(t.steps.c.step_index)
-        ).mappings().all()
+        step_rows = (
+            c.execute(
+                sa.select(t.steps)
+                .where(t.steps.c.saga_id == saga_id)
+                .order_by(t.steps.c.step_index)
+            )
+            .mappings()
+            .all()
+        )
         return _instance_from_rows(row, step_rows)
 
     def _find_by_idempotency_key(self, c: Connection, name: str, key: str | None) -> Instance:
         i = t.instances.c
-        saga_id = c.execute(sa.select(i.id).where(i.saga_name == name, i.idempotency_key == key)
-                            ).scalar_one()
+        saga_id = c.execute(
+            sa.select(i.id).where(i.saga_name == name, i.idempotency_key == key)
+        ).scalar_one()
         return self._load(c, saga_id)
 
     # -- backend quirks -----------------------------------------------------
@@ -193,8 +238,12 @@ class Store:
         i = t.instances.c
         due = sa.and_(i.lease_owner.is_(None), i.next_run_at <= now)
         expired = sa.and_(i.lease_owner.is_not(None), i.lease_expires_at < now)
-        query = (sa.select(i.id).where(i.state.in_(_ACTIVE), sa.or_(due, expired))
-                 .order_by(i.next_run_at).limit(limit))
+        query = (
+            sa.select(i.id)
+            .where(i.state.in_(_ACTIVE), sa.or_(due, expired))
+            .order_by(i.next_run_at)
+            .limit(limit)
+        )
         return list(c.execute(self._lock_claimable(query)).scalars())
 
     def _lock_claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -221,16 +270,17 @@ class Store:
         return ConcurrencyConflict(old.id, old.version, row.version, detail)
 
     def _update_steps(self, c: Connection, old: Instance, new: Instance) -> None:
-        changed = [s for s, before in zip(new.steps, old.steps, strict=True) if s != before]
-        for step in changed:
-            c.execute(
-                t.steps.update()
-                .where(t.steps.c.saga_id == new.id, t.steps.c.step_index == step.index)
-                .values(_step_values(step))
-            )
+        changed = [
+            {"b_saga_id": new.id, "b_index": s.index, **_step_values(s)}
+            for s, before in zip(new.steps, old.steps, strict=True)
+            if s != before
+        ]
+        if changed:  # one executemany: psycopg pipelines the rows in one round trip
+            c.execute(_UPDATE_STEP, changed)
 
-    def _append_events(self, c: Connection, inst: Instance, evs: Sequence[Event], actor: str,
-                       now: int) -> None:
+    def _append_events(
+        self, c: Connection, inst: Instance, evs: Sequence[Event], actor: str, now: int
+    ) -> None:
         if not evs:
             return
         c.execute(t.events.insert(), [_event_row(inst, e, actor, now) for e in evs])
@@ -238,28 +288,52 @@ class Store:
     def _insert_dead_letter(self, c: Connection, inst: Instance, tr: Transition, now: int) -> None:
         dl = tr.dead_letter
         assert dl is not None
-        c.execute(t.dead_letters.insert().values(
-            saga_id=inst.id, saga_name=inst.saga_name, step_index=dl.step_index,
-            step_name=inst.steps[dl.step_index].name, phase=str(dl.phase), error=dl.error,
-            traceback=dl.traceback, attempts=dl.attempts, created_at=now,
-        ))
+        c.execute(
+            t.dead_letters.insert().values(
+                saga_id=inst.id,
+                saga_name=inst.saga_name,
+                step_index=dl.step_index,
+                step_name=inst.steps[dl.step_index].name,
+                phase=str(dl.phase),
+                error=dl.error,
+                traceback=dl.traceback,
+                attempts=dl.attempts,
+                created_at=now,
+            )
+        )
 
-    def _resolve_dead_letters(self, c: Connection, saga_id: str, actor: str,
-                              operator: OperatorRecord | None, now: int) -> None:
+    def _resolve_dead_letters(
+        self, c: Connection, saga_id: str, actor: str, operator: OperatorRecord | None, now: int
+    ) -> None:
         d = t.dead_letters.c
-        c.execute(t.dead_letters.update()
-                  .where(d.saga_id == saga_id, d.resolved_at.is_(None))
-                  .values(resolved_at=now, resolved_by=actor,
-                          resolution=operator.action if operator else "resolved"))
+        c.execute(
+            t.dead_letters.update()
+            .where(d.saga_id == saga_id, d.resolved_at.is_(None))
+            .values(
+                resolved_at=now,
+                resolved_by=actor,
+                resolution=operator.action if operator else "resolved",
+            )
+        )
 
-    def _insert_operator_action(self, c: Connection, old: Instance, new: Instance,
-                                op: OperatorRecord, now: int) -> None:
-        c.execute(t.operator_actions.insert().values(
-            at=now, actor=op.actor, action=op.action, saga_id=old.id, reason=op.reason,
-            state_before=str(old.state), state_after=str(new.state),
-            version_before=old.version, version_after=old.version + 1,
-            step_name=old.current.name, detail=op.detail,
-        ))
+    def _insert_operator_action(
+        self, c: Connection, old: Instance, new: Instance, op: OperatorRecord, now: int
+    ) -> None:
+        c.execute(
+            t.operator_actions.insert().values(
+                at=now,
+                actor=op.actor,
+                action=op.action,
+                saga_id=old.id,
+                reason=op.reason,
+                state_before=str(old.state),
+                state_after=str(new.state),
+                version_before=old.version,
+                version_after=old.version + 1,
+                step_name=old.current.name,
+                detail=op.detail,
+            )
+        )
 
 
 class SqliteStore(Store):
@@ -293,7 +367,7 @@ def normalise_url(url: str) -> str:
     """Use psycopg 3 for PostgreSQL whatever driver the URL names (or none)."""
     for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -303,8 +377,10 @@ def open_store(url: str, *, pool_size: int = 10, echo: bool = False) -> Store:
     if url.startswith("sqlite"):
         return SqliteStore(_sqlite_engine(url, echo))
     if url.startswith("postgresql"):
-        db = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                              pool_pre_ping=True, echo=echo)
+        # No pre-ping: it costs a round trip per checkout on the hot path. A
+        # connection that died is invalidated by its first failing statement,
+        # and the work is retried from the store.
+        db = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, echo=echo)
         return PostgresStore(db)
     raise InvalidInput("SAGA_DATABASE_URL", f"{url!r} is neither sqlite:/// nor postgresql://")
 
@@ -335,14 +411,22 @@ def _sqlite_engine(url: str, echo: bool) -> SAEngine:
 
 # -- row mapping ------------------------------------------------------------
 
+
 def _instance_row(inst: Instance) -> dict[str, Any]:
     row = _instance_changes(inst)
     row.update(
-        id=inst.id, saga_name=inst.saga_name, saga_version=inst.saga_version,
-        step_count=len(inst.steps), payload=inst.payload, correlation_id=inst.correlation_id,
-        business_key=inst.business_key, idempotency_key=inst.idempotency_key,
-        version=inst.version, created_at=inst.created_at,
-        lease_owner=inst.lease_owner, lease_expires_at=inst.lease_expires_at,
+        id=inst.id,
+        saga_name=inst.saga_name,
+        saga_version=inst.saga_version,
+        step_count=len(inst.steps),
+        payload=inst.payload,
+        correlation_id=inst.correlation_id,
+        business_key=inst.business_key,
+        idempotency_key=inst.idempotency_key,
+        version=inst.version,
+        created_at=inst.created_at,
+        lease_owner=inst.lease_owner,
+        lease_expires_at=inst.lease_expires_at,
     )
     return row
 
@@ -371,10 +455,18 @@ def _step_row(saga_id: str, step: StepState) -> dict[str, Any]:
 def _event_row(inst: Instance, ev: Event, actor: str, now: int) -> dict[str, Any]:
     name = inst.steps[ev.step_index].name if ev.step_index is not None else None
     return {
-        "saga_id": inst.id, "correlation_id": inst.correlation_id, "at": now,
-        "kind": str(ev.kind), "step_index": ev.step_index, "step_name": name,
-        "phase": str(ev.phase) if ev.phase else None, "attempt": ev.attempt, "actor": actor,
-        "error": ev.error, "traceback": ev.traceback, "detail": ev.detail,
+        "saga_id": inst.id,
+        "correlation_id": inst.correlation_id,
+        "at": ev.at if ev.at is not None else now,
+        "kind": str(ev.kind),
+        "step_index": ev.step_index,
+        "step_name": name,
+        "phase": str(ev.phase) if ev.phase else None,
+        "attempt": ev.attempt,
+        "actor": actor,
+        "error": ev.error,
+        "traceback": ev.traceback,
+        "detail": ev.detail,
     }
 
 
@@ -389,13 +481,23 @@ def _instance_from_rows(row: Any, step_rows: Sequence[Any]) -> Instance:
         for s in step_rows
     )
     return Instance(
-        id=row["id"], saga_name=row["saga_name"], saga_version=row["saga_version"],
-        state=SagaState(row["state"]), cursor=row["current_step"], steps=steps,
-        payload=row["payload"], correlation_id=row["correlation_id"],
-        business_key=row["business_key"], idempotency_key=row["idempotency_key"],
-        version=row["version"], created_at=row["created_at"], updated_at=row["updated_at"],
-        last_progress_at=row["last_progress_at"], next_run_at=row["next_run_at"],
-        lease_owner=row["lease_owner"], lease_expires_at=row["lease_expires_at"],
+        id=row["id"],
+        saga_name=row["saga_name"],
+        saga_version=row["saga_version"],
+        state=SagaState(row["state"]),
+        cursor=row["current_step"],
+        steps=steps,
+        payload=row["payload"],
+        correlation_id=row["correlation_id"],
+        business_key=row["business_key"],
+        idempotency_key=row["idempotency_key"],
+        version=row["version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_progress_at=row["last_progress_at"],
+        next_run_at=row["next_run_at"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
     )
 
 

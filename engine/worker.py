@@ -55,8 +55,12 @@ class Worker:
     def run(self) -> None:
         """Work until :meth:`stop` is called, then drain."""
         settings = self.engine.settings
-        log.info("worker %s started: concurrency %d, polling every %.2fs",
-                 self.engine.owner, self.concurrency, settings.poll_seconds)
+        log.info(
+            "worker %s started: concurrency %d, polling every %.2fs",
+            self.engine.owner,
+            self.concurrency,
+            settings.poll_seconds,
+        )
         next_poll = 0.0
         while not self._stopping.is_set():
             free = self._free_slots()

@@ -1,0 +1,207 @@
+"""Console users: names, hashed passwords and roles, kept in the store.
+
+The console signs people in against this table; ``saga user add`` fills it.
+Passwords are stored only as werkzeug hashes (scrypt). There is no default
+user: only ``saga demo`` creates one, with a generated password it prints once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.engine import Engine as SAEngine
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from engine import schema as t
+from engine.errors import InvalidInput
+from engine.model import now_ms
+
+MIN_PASSWORD = 8
+MAX_PASSWORD = 200
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,149}$")
+# Checked against when the name is unknown, so a miss costs what a hit costs
+# and response times do not reveal which names exist.
+_DUMMY_HASH = generate_password_hash("not a password of anyone")
+
+
+class Role(StrEnum):
+    """What a console user may do; each role includes the ones before it."""
+
+    VIEWER = "viewer"  # reads everything
+    OPERATOR = "operator"  # also retries, skips, compensates and cancels sagas
+    ADMIN = "admin"  # also manages users
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+    def allows(self, needed: Role) -> bool:
+        """True when this role may do what ``needed`` may do."""
+        return self.rank >= needed.rank
+
+
+@dataclass(frozen=True)
+class User:
+    """A console user, without the password hash."""
+
+    id: int
+    name: str
+    role: Role
+    disabled: bool
+    created_at: int
+    updated_at: int
+    created_by: str | None
+    last_login_at: int | None
+
+    @property
+    def active(self) -> bool:
+        return not self.disabled
+
+
+class UserStore:
+    """Reads and writes the ``saga_users`` table."""
+
+    def __init__(self, db: SAEngine) -> None:
+        self.db = db
+
+    def add(
+        self, name: str, password: str, role: Role | str, *, created_by: str | None = None
+    ) -> User:
+        """Create a user; raises InvalidInput for a bad name, role or password, or a taken name."""
+        name, role = normalise_name(name), parse_role(role)
+        _check_password(password)
+        now = now_ms()
+        with self.db.begin() as c:
+            if self._row(c, name) is not None:
+                raise InvalidInput("user name", f"{name!r} is taken")
+            c.execute(
+                t.users.insert().values(
+                    name=name,
+                    password_hash=generate_password_hash(password),
+                    role=str(role),
+                    disabled=False,
+                    created_at=now,
+                    updated_at=now,
+                    created_by=created_by,
+                )
+            )
+            return _user(self._row(c, name))
+
+    def get(self, user_id: int) -> User | None:
+        with self.db.connect() as c:
+            row = c.execute(sa.select(t.users).where(t.users.c.id == user_id)).mappings().first()
+        return _user(row) if row is not None else None
+
+    def by_name(self, name: str) -> User | None:
+        with self.db.connect() as c:
+            row = self._row(c, name.strip().lower())
+        return _user(row) if row is not None else None
+
+    def list_users(self) -> list[User]:
+        with self.db.connect() as c:
+            rows = c.execute(sa.select(t.users).order_by(t.users.c.name)).mappings()
+            return [_user(r) for r in rows]
+
+    def authenticate(self, name: str, password: str) -> User | None:
+        """The enabled user with this name and password, or None; records the sign-in time."""
+        with self.db.begin() as c:
+            row = self._row(c, name.strip().lower())
+            stored = row["password_hash"] if row is not None else _DUMMY_HASH
+            matches = check_password_hash(stored, password)
+            if row is None or not matches or row["disabled"]:
+                return None
+            c.execute(
+                t.users.update().where(t.users.c.id == row["id"]).values(last_login_at=now_ms())
+            )
+            return _user(row)
+
+    def set_role(self, name: str, role: Role | str) -> User:
+        """Change a user's role; refuses to demote the last enabled admin."""
+        role = parse_role(role)
+        return self._update(name, {"role": str(role)}, demotes=role is not Role.ADMIN)
+
+    def set_disabled(self, name: str, disabled: bool) -> User:
+        """Disable (or re-enable) a user; refuses to disable the last enabled admin."""
+        return self._update(name, {"disabled": disabled}, demotes=disabled)
+
+    def set_password(self, name: str, password: str) -> User:
+        _check_password(password)
+        return self._update(
+            name, {"password_hash": generate_password_hash(password)}, demotes=False
+        )
+
+    def count(self) -> int:
+        with self.db.connect() as c:
+            return int(c.execute(sa.select(sa.func.count()).select_from(t.users)).scalar_one())
+
+    def _update(self, name: str, values: dict[str, Any], *, demotes: bool) -> User:
+        name = name.strip().lower()
+        with self.db.begin() as c:
+            row = self._row(c, name)
+            if row is None:
+                raise InvalidInput("user name", f"no user named {name!r}")
+            if demotes and _is_enabled_admin(row) and self._enabled_admins(c) <= 1:
+                raise InvalidInput(
+                    "user", f"{name!r} is the last enabled admin; make someone else admin first"
+                )
+            c.execute(
+                t.users.update()
+                .where(t.users.c.id == row["id"])
+                .values(updated_at=now_ms(), **values)
+            )
+            return _user(self._row(c, name))
+
+    def _row(self, c: Connection, name: str) -> Any:
+        return c.execute(sa.select(t.users).where(t.users.c.name == name)).mappings().first()
+
+    def _enabled_admins(self, c: Connection) -> int:
+        u = t.users.c
+        query = sa.select(sa.func.count()).where(u.role == str(Role.ADMIN), u.disabled.is_(False))
+        return int(c.execute(query).scalar_one())
+
+
+def normalise_name(name: str) -> str:
+    """A user name as stored: trimmed, lower case; raises InvalidInput when malformed."""
+    text = (name or "").strip().lower()
+    if not _NAME.match(text):
+        raise InvalidInput(
+            "user name",
+            "use 1 to 150 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+        )
+    return text
+
+
+def parse_role(role: Role | str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise InvalidInput(
+            "role", f"{role!r} is not one of {', '.join(r.value for r in Role)}"
+        ) from None
+
+
+def _check_password(password: str) -> None:
+    if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise InvalidInput("password", f"use {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+
+
+def _is_enabled_admin(row: Any) -> bool:
+    return bool(row["role"] == str(Role.ADMIN) and not row["disabled"])
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=int(row["id"]),
+        name=row["name"],
+        role=Role(row["role"]),
+        disabled=bool(row["disabled"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        created_by=row["created_by"],
+        last_login_at=row["last_login_at"],
+    )
