@@ -95,13 +95,19 @@ class Store:
         """Insert a new instance; with an idempotency key already used, return that one."""
         with self._tx(conn) as c:
             inst = transition.instance
-            inserted = self._insert_instance(c, _instance_row(inst))
-            if not inserted:
+            if not self._insert_new(c, transition, actor):
                 existing = self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
                 return existing, False
-            c.execute(t.steps.insert(), [_step_row(inst.id, s) for s in inst.steps])
-            self._append_events(c, inst, transition.events, actor, inst.created_at)
             return inst, True
+
+    def _insert_new(self, c: Connection, transition: Transition, actor: str) -> bool:
+        """Insert instance, steps and events; False if the idempotency key is taken."""
+        inst = transition.instance
+        if not self._insert_instance(c, _instance_row(inst)):
+            return False
+        c.execute(t.steps.insert(), [_step_row(inst.id, s) for s in inst.steps])
+        self._append_events(c, inst, transition.events, actor, inst.created_at)
+        return True
 
     def save(
         self,
@@ -154,9 +160,9 @@ class Store:
                 .where(
                     i.id == saga_id,
                     i.state.in_(_ACTIVE),
-                    sa.or_(
-                        i.lease_owner.is_(None), i.lease_expires_at < now, i.lease_owner == owner
-                    ),
+                    # Not re-entrant for ``owner``: a second thread (or a process
+                    # reusing the worker id) would run the same step concurrently.
+                    sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now),
                 )
                 .values(lease_owner=owner, lease_expires_at=now + ttl_ms)
             ).rowcount
@@ -344,23 +350,67 @@ class SqliteStore(Store):
     def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
         from sqlalchemy.dialects.sqlite import insert
 
+        # RETURNING, not rowcount: SQLAlchemy does not keep an INSERT's rowcount
+        # (psycopg reports -1 once the cursor is closed), so a conflict looked
+        # like a success.
         stmt = insert(t.instances).values(row).on_conflict_do_nothing()
-        return bool(c.execute(stmt).rowcount)
+        return c.execute(stmt.returning(t.instances.c.id)).first() is not None
 
 
 class PostgresStore(Store):
-    """PostgreSQL: bulk claims skip rows other workers have locked."""
+    """PostgreSQL: bulk claims skip rows other workers have locked, and a new
+    instance is inserted with its steps and events in one statement."""
 
     dialect = "postgresql"
+
+    def _insert_new(self, c: Connection, transition: Transition, actor: str) -> bool:
+        # One round trip instead of three: on the inline path this statement
+        # and the steps' own writes are all a saga costs before its commit.
+        inst = transition.instance
+        params = {
+            "instance": _json(_instance_row(inst)),
+            "steps": _json([_step_row(inst.id, s) for s in inst.steps]),
+            "events": _json(
+                [_event_row(inst, e, actor, inst.created_at) for e in transition.events]
+            ),
+        }
+        return c.execute(_PG_INSERT_NEW, params).first() is not None
 
     def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
         from sqlalchemy.dialects.postgresql import insert
 
+        # RETURNING, not rowcount: SQLAlchemy does not keep an INSERT's rowcount
+        # (psycopg reports -1 once the cursor is closed), so a conflict looked
+        # like a success.
         stmt = insert(t.instances).values(row).on_conflict_do_nothing()
-        return bool(c.execute(stmt).rowcount)
+        return c.execute(stmt.returning(t.instances.c.id)).first() is not None
 
     def _lock_claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
+
+
+def _populate(table: sa.Table, source: str, skip: tuple[str, ...] = ()) -> str:
+    cols = ", ".join(c.name for c in table.columns if c.name not in skip)
+    return (
+        f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM "
+        f"jsonb_populate_recordset(NULL::{table.name}, CAST(:{source} AS jsonb)) "
+        "WITH ORDINALITY AS r WHERE EXISTS (SELECT 1 FROM i) ORDER BY r.ordinality"
+    )
+
+
+_INSTANCE_COLUMNS = ", ".join(c.name for c in t.instances.columns)
+_PG_INSERT_NEW = sa.text(
+    f"WITH i AS (INSERT INTO saga_instances ({_INSTANCE_COLUMNS}) SELECT {_INSTANCE_COLUMNS} "
+    "FROM jsonb_populate_record(NULL::saga_instances, CAST(:instance AS jsonb)) "
+    "ON CONFLICT DO NOTHING RETURNING id), "
+    f"s AS ({_populate(t.steps, 'steps')}), "
+    f"e AS ({_populate(t.events, 'events', skip=('id',))}) "
+    "SELECT id FROM i"
+)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def normalise_url(url: str) -> str:
@@ -510,6 +560,20 @@ def _replace(inst: Instance, **changes: Any) -> Instance:
 def dumps(value: Any) -> str:
     """JSON text for values the store keeps; raises InvalidInput when not JSON."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput("JSON value", str(exc)) from exc
+    # PostgreSQL's JSONB cannot hold U+0000 (SQLite can): refuse it on every store.
+    if "\\u0000" in text and _has_nul(value):
+        raise InvalidInput("JSON value", "text cannot contain the NUL character (U+0000)")
+    return text
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
