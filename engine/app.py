@@ -19,8 +19,8 @@ from engine.operations import Operations
 from engine.registry import Registry
 from engine.settings import Settings
 from engine.states import SagaState
-from engine.store import Store, dumps, open_store
-from engine.transport import InProcessQueue, Transport
+from engine.store import Store, dumps, open_store, retry_on_disconnect
+from engine.transport import InProcessQueue, Transport, ring
 
 _MAX_KEY = 200
 
@@ -82,9 +82,9 @@ class SagaEngine:
         transition = self._new_instance(
             saga_name, payload, correlation_id, business_key, idempotency_key
         )
-        inst, created = self.store.create(transition, self.owner)
+        inst, created = retry_on_disconnect(lambda: self.store.create(transition, self.owner))
         if created:
-            self.transport.publish(inst.id)
+            ring(self.transport, inst.id)
         return Started(inst, created)
 
     def run(
@@ -178,5 +178,7 @@ def _check_key(field: str, value: str | None) -> None:
 
 def _default_transport(settings: Settings) -> Transport:
     if settings.redis_url:
-        raise InvalidInput("SAGA_REDIS_URL", "the Redis transport is not available in this build")
+        from engine.redis_transport import RedisStreamsTransport
+
+        return RedisStreamsTransport.from_settings(settings)
     return InProcessQueue()

@@ -84,7 +84,9 @@ class IdempotencyGuard:
         else:  # pragma: no cover - only the two stores are supported
             raise NotImplementedError(dialect)
         row = {"key": key, "scope": self.scope, "created_at": now_ms(), "duplicates": 0}
-        return bool(conn.execute(stmt.values(row)).rowcount)
+        # RETURNING, not rowcount: an INSERT's rowcount is not kept by SQLAlchemy
+        # (psycopg reports -1), which made every key look new on PostgreSQL.
+        return conn.execute(stmt.values(row).returning(table.c.key)).first() is not None
 
     def _replay(self, conn: Connection, key: str) -> Any:
         table = t.idempotency_keys

@@ -15,8 +15,8 @@ from engine.errors import ConcurrencyConflict, InvalidInput
 from engine.interventions import Action
 from engine.model import Instance
 from engine.registry import Registry
-from engine.store import OperatorRecord, Store
-from engine.transport import Transport
+from engine.store import OperatorRecord, Store, retry_on_disconnect
+from engine.transport import Transport, ring
 
 MAX_REASON = 2000
 
@@ -79,6 +79,16 @@ class Operations:
     ) -> Instance:
         """Apply ``action`` if the state allows it and nobody changed the instance since."""
         actor, reason = _check_actor(actor), _check_reason(reason)
+        saved = retry_on_disconnect(
+            lambda: self._act_once(action, saga_id, actor, reason, expected_version)
+        )
+        if saved.state.is_active:
+            ring(self.transport, saved.id)
+        return saved
+
+    def _act_once(
+        self, action: Action, saga_id: str, actor: str, reason: str, expected_version: int | None
+    ) -> Instance:
         with self.store.transaction() as conn:
             inst = self.store.load(saga_id, conn)
             if expected_version is not None and inst.version != expected_version:
@@ -94,8 +104,6 @@ class Operations:
             saved = self.store.save(
                 inst, transition, f"operator:{actor}", conn=conn, operator=record
             )
-        if saved.state.is_active:
-            self.transport.publish(saved.id)
         return saved
 
     def allowed(self, inst: Instance) -> list[Action]:

@@ -27,6 +27,15 @@ class Settings:
     database_url: str = "sqlite:///saga.db"
     #: Redis URL for the queue; None means the in-process queue.
     redis_url: str | None = None
+    #: Prefix of every Redis key (``<prefix>:work``, ``<prefix>:poison``); give two
+    #: deployments that share one Redis different prefixes.
+    redis_prefix: str = "saga"
+    #: Approximate cap on the work stream's length (XADD MAXLEN ~): older doorbells are
+    #: trimmed, even unread ones, and the workers' store poll finds their work instead.
+    redis_stream_maxlen: int = 100_000
+    #: A doorbell delivered to a worker and not acknowledged for this long (the worker
+    #: died) is taken over by a live worker (XAUTOCLAIM).
+    redis_claim_idle_seconds: float = 30.0
     #: Modules that define sagas, comma-separated (like ``-A``).
     app: tuple[str, ...] = ()
     #: How long a worker's lease on an instance lasts without a heartbeat.
@@ -50,6 +59,13 @@ class Settings:
         return cls(
             database_url=get("SAGA_DATABASE_URL") or cls.database_url,
             redis_url=get("SAGA_REDIS_URL") or None,
+            redis_prefix=get("SAGA_REDIS_PREFIX") or cls.redis_prefix,
+            redis_stream_maxlen=int(
+                _number(env, "SAGA_REDIS_STREAM_MAXLEN", cls.redis_stream_maxlen)
+            ),
+            redis_claim_idle_seconds=_number(
+                env, "SAGA_REDIS_CLAIM_IDLE_SECONDS", cls.redis_claim_idle_seconds
+            ),
             app=tuple(m.strip() for m in (get("SAGA_APP") or "").split(",") if m.strip()),
             lease_seconds=_number(env, "SAGA_LEASE_SECONDS", cls.lease_seconds),
             poll_seconds=_number(env, "SAGA_POLL_SECONDS", cls.poll_seconds),

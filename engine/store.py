@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.exc import DBAPIError
 
 from engine import schema as t
 from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
@@ -168,10 +169,22 @@ class Store:
             ).rowcount
             return self._load(c, saga_id) if taken else None
 
-    def claim_due(self, owner: str, ttl_ms: int, now: int, limit: int) -> list[str]:
-        """Lease up to ``limit`` instances whose work is due or whose lease expired."""
+    def claim_due(
+        self,
+        owner: str,
+        ttl_ms: int,
+        now: int,
+        limit: int,
+        sagas: Collection[tuple[str, int]] | None = None,
+    ) -> list[str]:
+        """Lease up to ``limit`` instances whose work is due or whose lease expired.
+
+        ``sagas`` limits the claim to the (name, version) pairs the caller can
+        run: instances it cannot run would otherwise come first every time
+        and starve the rest.
+        """
         with self.transaction() as c:
-            ids = self._select_claimable(c, now, limit)
+            ids = self._select_claimable(c, now, limit, sagas)
             if not ids:
                 return []
             i = t.instances.c
@@ -240,7 +253,13 @@ class Store:
     def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
         raise NotImplementedError
 
-    def _select_claimable(self, c: Connection, now: int, limit: int) -> list[str]:
+    def _select_claimable(
+        self,
+        c: Connection,
+        now: int,
+        limit: int,
+        sagas: Collection[tuple[str, int]] | None = None,
+    ) -> list[str]:
         i = t.instances.c
         due = sa.and_(i.lease_owner.is_(None), i.next_run_at <= now)
         expired = sa.and_(i.lease_owner.is_not(None), i.lease_expires_at < now)
@@ -250,6 +269,8 @@ class Store:
             .order_by(i.next_run_at)
             .limit(limit)
         )
+        if sagas is not None:
+            query = query.where(sa.tuple_(i.saga_name, i.saga_version).in_(list(sagas)))
         return list(c.execute(self._lock_claimable(query)).scalars())
 
     def _lock_claimable(self, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -411,6 +432,27 @@ _PG_INSERT_NEW = sa.text(
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+T = TypeVar("T")
+
+
+def retry_on_disconnect(work: Callable[[], T], attempts: int = 3) -> T:
+    """Run ``work`` (one whole transaction) again when its connection was found dead.
+
+    Pooled connections are not pinged on checkout (a round trip on the hot
+    path); a connection PostgreSQL dropped fails its first statement, the
+    pool invalidates it, and the transaction, which never committed, is
+    simply run again on a fresh one.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == attempts:
+                raise
+            log.warning("store connection lost (%s); retrying on a fresh one", exc.orig)
+    raise AssertionError("unreachable")
 
 
 def normalise_url(url: str) -> str:

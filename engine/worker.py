@@ -14,7 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from engine.errors import SagaNotFound
+from sqlalchemy.exc import SQLAlchemyError
+
+from engine.errors import SagaNotFound, TransportError
+from engine.recovery import recover
+from engine.transport import Delivery
 
 if TYPE_CHECKING:
     from engine.app import SagaEngine
@@ -32,6 +36,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="saga-worker")
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._transport_down = False
         self.advanced = 0
 
     @property
@@ -61,6 +66,7 @@ class Worker:
             self.concurrency,
             settings.poll_seconds,
         )
+        self._recover()
         next_poll = 0.0
         while not self._stopping.is_set():
             free = self._free_slots()
@@ -68,11 +74,23 @@ class Worker:
                 time.sleep(0.005)
                 continue
             wait = max(0.0, min(settings.poll_seconds, next_poll - time.monotonic()))
-            for saga_id in self.engine.transport.receive(free, wait):
-                self._claim_and_submit(saga_id)
-            if time.monotonic() >= next_poll:
-                self._poll_due()
-                next_poll = time.monotonic() + settings.poll_seconds
+            try:
+                for delivery in self._receive(free, wait):
+                    self._claim_and_submit(delivery)
+                if time.monotonic() >= next_poll:
+                    self._poll_due()
+                    next_poll = time.monotonic() + settings.poll_seconds
+            except SQLAlchemyError as exc:
+                # The store is unreachable or dropped our connection (the pool
+                # replaces it). Nothing was half-written: every write is one
+                # transaction. Back off, then claim again from the store.
+                log.warning(
+                    "worker %s: store error, retrying in %.1fs: %s",
+                    self.engine.owner,
+                    settings.poll_seconds,
+                    exc,
+                )
+                self._stopping.wait(settings.poll_seconds)
         self._drain()
 
     def _poll_due(self) -> None:
@@ -80,19 +98,49 @@ class Worker:
         if free == 0:
             return
         store, eng = self.engine.store, self.engine
-        for saga_id in store.claim_due(eng.owner, eng.lease_ms, eng.clock(), free):
+        known = [(saga.name, saga.version) for saga in eng.registry]
+        for saga_id in store.claim_due(eng.owner, eng.lease_ms, eng.clock(), free, known):
             self._submit(saga_id)
 
-    def _claim_and_submit(self, saga_id: str) -> None:
-        eng = self.engine
+    def _recover(self) -> None:
+        try:
+            recover(self.engine)
+        except TransportError as exc:
+            log.warning("worker %s: start-up recovery stopped: %s", self.engine.owner, exc)
+
+    def _receive(self, free: int, wait: float) -> list[Delivery]:
+        try:
+            deliveries = self.engine.transport.receive(free, wait)
+        except TransportError as exc:
+            if not self._transport_down:
+                log.warning("worker %s: %s", self.engine.owner, exc)
+            self._transport_down = True
+            self._stopping.wait(wait)  # the store poll keeps work moving meanwhile
+            return []
+        if self._transport_down:
+            log.info("worker %s: the transport is reachable again", self.engine.owner)
+            self._transport_down = False
+        return deliveries
+
+    def _claim_and_submit(self, delivery: Delivery) -> None:
+        eng, saga_id = self.engine, delivery.saga_id
         if eng.store.claim(saga_id, eng.owner, eng.lease_ms, eng.clock()) is not None:
-            self._submit(saga_id)
+            self._submit(saga_id, delivery)
+        else:  # finished, unknown, or leased (by us or another worker): nothing to do
+            self._ack(delivery)
 
-    def _submit(self, saga_id: str) -> None:
+    def _ack(self, delivery: Delivery) -> None:
+        try:
+            self.engine.transport.ack([delivery])
+        except TransportError as exc:
+            # It stays pending; a live worker takes it over later and finds nothing to do.
+            log.warning("saga %s: could not acknowledge its doorbell: %s", delivery.saga_id, exc)
+
+    def _submit(self, saga_id: str, delivery: Delivery | None = None) -> None:
         self._slots.acquire()
-        self._pool.submit(self._advance, saga_id)
+        self._pool.submit(self._advance, saga_id, delivery)
 
-    def _advance(self, saga_id: str) -> None:
+    def _advance(self, saga_id: str, delivery: Delivery | None = None) -> None:
         try:
             inst = self.engine.store.load(saga_id)
             self.engine.executor.advance(inst)
@@ -105,6 +153,8 @@ class Worker:
             log.exception("saga %s: advancing failed; it will be picked up again", saga_id)
         finally:
             self._slots.release()
+            if delivery is not None:
+                self._ack(delivery)
 
     def _free_slots(self) -> int:
         # BoundedSemaphore has no public counter; probe it without blocking.

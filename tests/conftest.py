@@ -17,6 +17,8 @@ import sqlalchemy as sa
 
 from engine.migrate import upgrade
 from engine.schema import metadata
+from tests.helpers.engines import Engines
+from tests.helpers.participant import Participant
 
 PG_ADMIN_URL = os.environ.get("SAGA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -33,7 +35,8 @@ def _missing(service: str, why: object) -> None:
 @pytest.fixture(scope="session")
 def pg_url(worker_id: str) -> Iterator[str]:
     """A migrated PostgreSQL database of this test worker's own."""
-    name = f"saga_test_{worker_id}"
+    # SAGA_TEST_DB_SUFFIX keeps two test runs on one server out of each other's databases.
+    name = f"saga_test_{worker_id}{os.environ.get('SAGA_TEST_DB_SUFFIX', '')}"
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -83,17 +86,19 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def redis_url() -> str:
+def redis_url(worker_id: str) -> str:
+    """A Redis database of this test worker's own: tests that flush it touch nobody else."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    index = int(worker_id[2:]) if worker_id.startswith("gw") else 0
+    url = REDIS_URL.rsplit("/", 1)[0] + f"/{15 - index}"
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.RedisError as exc:
         _missing("Redis", exc)
-    client.flushdb()
     client.close()
-    return REDIS_URL
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +108,19 @@ def worker_id(request: pytest.FixtureRequest) -> str:
 
 
 Factory = Callable[..., object]
+
+
+@pytest.fixture
+def participant(store_url: str) -> Iterator[Participant]:
+    """A test participant recording calls and effects in the store's database."""
+    p = Participant(store_url)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def engines(store_url: str) -> Iterator[Engines]:
+    """Build engines (and start workers) on ``store_url``; all stopped after the test."""
+    made = Engines(store_url)
+    yield made
+    made.close()

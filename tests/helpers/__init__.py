@@ -1,0 +1,1 @@
+"""Shared test sagas, participants and pure-core drivers."""

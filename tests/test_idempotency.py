@@ -1,0 +1,137 @@
+"""Effectively-once effects: the idempotency guard, alone and under a real engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from engine import IdempotencyGuard, SagaState
+from engine.decide import Run, begin_attempt
+from engine.model import now_ms
+from engine.queries import Queries
+from engine.states import Phase
+from tests.helpers.engines import Engines, timeline, wait_state
+from tests.helpers.participant import Participant, effects
+from tests.helpers.sagas import travel
+
+
+def write_effect(key: str, log: list[str]) -> Callable[[sa.Connection], dict[str, str]]:
+    def effect(conn: sa.Connection) -> dict[str, str]:
+        log.append(key)
+        conn.execute(
+            effects.insert().values(
+                key=key, saga_id="s", step="x", phase="action", attempt=1, at_ns=time.time_ns()
+            )
+        )
+        return {"receipt": key.upper()}
+
+    return effect
+
+
+def test_the_effect_runs_once_per_key_and_replays_its_result(participant: Participant) -> None:
+    guard = IdempotencyGuard(participant.db, "payments")
+    ran: list[str] = []
+    first = guard.run_once("k1", write_effect("k1", ran))
+    again = guard.run_once("k1", write_effect("k1", ran))
+    other = guard.run_once("k2", write_effect("k2", ran))
+    assert first == again == {"receipt": "K1"}
+    assert other == {"receipt": "K2"}
+    assert ran == ["k1", "k2"]
+    assert participant.effect_counts() == {"k1": 1, "k2": 1}
+    assert guard.duplicates("k1") == 1
+    assert guard.duplicates("k2") == 0
+    assert guard.seen("k1") and not guard.seen("k3")
+
+
+def test_a_failing_effect_leaves_no_key_so_the_next_try_runs_it(participant: Participant) -> None:
+    guard = IdempotencyGuard(participant.db, "payments")
+
+    def broken(conn: sa.Connection) -> None:
+        write_effect("k1", [])(conn)
+        raise ConnectionError("card network down")
+
+    with pytest.raises(ConnectionError):
+        guard.run_once("k1", broken)
+    assert not guard.seen("k1")
+    assert participant.effect_counts() == {}
+    guard.run_once("k1", write_effect("k1", []))
+    assert participant.effect_counts() == {"k1": 1}
+
+
+def test_the_guard_inside_a_rolled_back_transaction_forgets_the_key(
+    participant: Participant,
+) -> None:
+    guard = IdempotencyGuard(participant.db, "payments")
+    with pytest.raises(RuntimeError), participant.db.begin() as conn:
+        guard.run_once_in(conn, "k1", write_effect("k1", []))
+        raise RuntimeError("the caller's transaction failed")
+    assert not guard.seen("k1")
+    assert participant.effect_counts() == {}
+
+
+def test_racing_calls_with_one_key_run_the_effect_once(participant: Participant) -> None:
+    guard = IdempotencyGuard(participant.db, "payments")
+    barrier = threading.Barrier(5)
+    ran: list[str] = []
+    results: list[object] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(guard.run_once("race", write_effect("race", ran)))
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert ran == ["race"]
+    assert results == [{"receipt": "RACE"}] * 5
+    assert guard.duplicates("race") == 4
+
+
+def test_a_redelivered_action_with_the_same_key_acts_once(
+    engines: Engines, participant: Participant
+) -> None:
+    engine = engines(travel(participant))
+    started = engine.start("travel", {})
+    run = Run(0, Phase.ACTION, 1)
+    ctx = engine.executor.context(started.instance, run)
+    assert ctx.idempotency_key == f"{started.id}:hotel:action"
+    first = participant.action(ctx)
+    second = participant.action(engine.executor.context(started.instance, Run(0, Phase.ACTION, 2)))
+    assert first == second
+    assert len(participant.calls(started.id)) == 2
+    assert participant.effect_counts() == {ctx.idempotency_key: 1}
+
+
+def test_a_worker_that_died_after_the_effect_is_taken_over_with_one_effect(
+    engines: Engines, participant: Participant
+) -> None:
+    saga = travel(participant)
+    engine = engines(saga)
+    started = engine.start("travel", {})
+    store = engine.store
+    # A worker claims the instance with a short lease, begins the hotel step,
+    # makes the participant act... and dies before recording anything.
+    now = now_ms()
+    held = store.claim(started.id, "doomed-worker", 300, now)
+    assert held is not None
+    run = Run(0, Phase.ACTION, 1)
+    begun = store.save(
+        held, begin_attempt(held, saga, run, now), "doomed-worker", owner="doomed-worker"
+    )
+    participant.action(engine.executor.context(begun, run))
+
+    engines.worker(engine)  # the survivor: takes the instance once the lease expires
+    done = wait_state(engine, started.id, SagaState.COMPLETED)
+    assert done.steps[0].attempts == 2
+    hotel_key = f"{started.id}:hotel:action"
+    assert participant.effect_counts()[hotel_key] == 1
+    assert [c.attempt for c in participant.calls(started.id) if c.step == "hotel"] == [1, 2]
+    assert Queries(store).duplicates_absorbed([hotel_key]) == {hotel_key: 1}
+    abandoned = [e for e in timeline(engine, started.id) if e.kind == "attempt_abandoned"]
+    assert [(e.step_name, e.attempt, e.actor) for e in abandoned] == [("hotel", 1, "test-worker")]
