@@ -1,0 +1,107 @@
+"""The operator console: a Flask + htmx client of the engine's operations and queries.
+
+``create_app()`` is the factory (``gunicorn 'console:create_app()'``); the
+blueprints are one per area (auth, sagas, audit, health). Views parse input,
+call :mod:`engine.operations` / :mod:`engine.queries` / :mod:`engine.users`,
+and render templates from the top-level ``templates/`` folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response
+
+import console.audit
+import console.auth
+import console.errors
+import console.formatting
+import console.health
+import console.sagas
+import console.services
+
+__all__ = ["create_app"]
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+STATIC = ROOT / "static"
+HTMX = STATIC / "vendor" / "htmx.min.js"
+
+log = logging.getLogger(__name__)
+
+# The pages use no inline script or style, so the browser may refuse both:
+# if escaping were ever missed, an injected <script> still would not run.
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the console. ``test_config`` overrides settings (and may pass ``SAGA_ENGINE``)."""
+    app = Flask(__name__, template_folder=str(TEMPLATES), static_folder=str(STATIC))
+    app.config.from_mapping(_settings_from_env())
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    _ensure_secret_key(app)
+    console.services.init_app(app)
+    console.auth.init_app(app)
+    console.errors.init_app(app)
+    console.formatting.init_app(app)
+    for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
+        app.register_blueprint(blueprint)
+    app.add_url_rule("/", "index", console.sagas.index)
+    app.after_request(_security_headers)
+    app.jinja_env.globals["htmx_available"] = HTMX.is_file()
+    if not HTMX.is_file():
+        log.warning(
+            "%s is missing (run `make setup`); the console works, but without live refresh",
+            HTMX.relative_to(ROOT),
+        )
+    return app
+
+
+def _settings_from_env() -> dict[str, Any]:
+    secure = os.environ.get("SAGA_CONSOLE_SECURE_COOKIES", "") in ("1", "true", "yes")
+    return {
+        "SECRET_KEY": os.environ.get("SAGA_CONSOLE_SECRET_KEY") or None,
+        "SESSION_COOKIE_NAME": "saga_console",
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": secure,
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SAMESITE": "Lax",
+        "REMEMBER_COOKIE_SECURE": secure,
+        "WTF_CSRF_TIME_LIMIT": None,  # the token lives as long as the session
+        "SAGA_LOGIN_MAX_FAILURES": 5,
+        "SAGA_LOGIN_WINDOW_SECONDS": 300,
+        "SAGA_LIST_POLL_SECONDS": 5,
+        # Tab counts stop at this many (shown as "10,000+"), so they stay cheap on a big store.
+        "SAGA_COUNT_CAP": 10_000,
+        "SAGA_INSTANCE_POLL_SECONDS": 2,
+    }
+
+
+def _ensure_secret_key(app: Flask) -> None:
+    if app.config.get("SECRET_KEY"):
+        return
+    # A key per process signs sessions correctly, but sessions end when the
+    # process restarts and do not carry across several console processes.
+    log.warning(
+        "SAGA_CONSOLE_SECRET_KEY is not set: using a random key for this process; "
+        "sessions end when it restarts and are not shared between processes"
+    )
+    app.config["SECRET_KEY"] = secrets.token_hex(32)
+
+
+def _security_headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", _CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response

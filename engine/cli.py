@@ -19,6 +19,7 @@ error, and nothing is written when a command fails. Exit codes:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -109,20 +110,29 @@ class SagaGroup(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        standalone = standalone_mode
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (click.ClickException, SagaError, sa.exc.DBAPIError) as exc:
-            if not standalone:
+            if not standalone_mode:
                 raise
+            if isinstance(exc, click.ClickException) and isinstance(exc, _NO_ARGS_IS_HELP):
+                # `saga` alone: print the help as it is, not squeezed onto one line.
+                click.echo(exc.format_message(), err=True)
+                sys.exit(EXIT_BAD_INPUT)
             _fail(error_message(exc), exit_code_for(exc))
         except click.Abort:
-            if not standalone:
+            if not standalone_mode:
                 raise
             _fail("aborted", EXIT_ERROR)
-        if not standalone:
+        if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+# click 8.2+ raises this for a group called without a command; older versions exit 0.
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    t for t in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if t is not None
+)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -167,13 +177,12 @@ class Cli:
         return self._store
 
     def engine(self) -> SagaEngine:
-        """An engine with the ``-A`` sagas registered and their modules' hooks called."""
+        """An engine with the ``-A`` sagas registered (hooks are for commands that run steps)."""
         if self._engine is None:
             app = self.app()
             require_store(self.url)
             self._engine = SagaEngine(app.sagas, settings=self.settings)
             self._closers.append(self._engine.close)
-            app.init(self._engine)
         return self._engine
 
     def close(self) -> None:
@@ -254,10 +263,12 @@ pass_cli = click.make_pass_decorator(Cli)
 def main(ctx: click.Context, apps: tuple[str, ...]) -> None:
     """Run and operate durable sagas. Settings come from SAGA_* variables (see the README)."""
     settings = Settings.from_env()
-    logs.configure(settings.log_format, settings.log_level)
+    handler = logs.configure(settings.log_format, settings.log_level)
     cli = Cli(settings, split_names(apps) or settings.app)
     ctx.obj = cli
     ctx.call_on_close(cli.close)
+    # Leave the root logger as found, for callers that run commands in-process.
+    ctx.call_on_close(lambda: logging.getLogger().removeHandler(handler))
 
 
 @main.group()
@@ -297,6 +308,7 @@ def db_current(cli: Cli) -> None:
 def worker(cli: Cli, concurrency: int | None) -> None:
     """Run a worker in the foreground until SIGTERM or Ctrl-C, then drain and exit 0."""
     engine = cli.engine()
+    cli.app().init(engine)  # the modules' init_engine hooks: steps run in this process
     names = engine.registry.names()
     if not names:
         raise InvalidInput(
@@ -513,7 +525,7 @@ def instance_json(inst: Instance) -> dict[str, Any]:
         "saga_name": inst.saga_name,
         "saga_version": inst.saga_version,
         "state": str(inst.state),
-        "phase": str(inst.phase),
+        "phase": None if inst.state.is_final else str(inst.phase),
         "current_step": inst.cursor,
         "current_step_name": inst.current.name,
         "step_count": len(inst.steps),
@@ -626,6 +638,17 @@ for _action in Action:
     main.add_command(_operator_command(_action))
 
 
+def _add_console_commands() -> None:
+    # `saga console` and `saga user ...` live with the console, which needs Flask.
+    from console.commands import console_command, user_group
+
+    main.add_command(console_command)
+    main.add_command(user_group)
+
+
+_add_console_commands()
+
+
 @main.command()
 @click.option(
     "--rate",
@@ -647,9 +670,28 @@ for _action in Action:
     help="Worker concurrency (default: $SAGA_CONCURRENCY or 8).",
 )
 @click.option("--seed", type=int, default=None, help="Seed the outcome mix, to repeat a run.")
+@click.option(
+    "--console/--no-console", default=True, show_default=True, help="Serve the console too."
+)
+@click.option("--console-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--console-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the console; when taken, a free one is used.",
+)
 @pass_cli
 def demo(
-    cli: Cli, *, rate: float, duration: float | None, concurrency: int | None, seed: int | None
+    cli: Cli,
+    *,
+    rate: float,
+    duration: float | None,
+    concurrency: int | None,
+    seed: int | None,
+    console: bool,
+    console_host: str,
+    console_port: int,
 ) -> None:
     """Run the example sagas continuously on this machine, with a realistic mix of outcomes."""
     from engine import demo as demo_module
@@ -660,10 +702,17 @@ def demo(
     )
     engine = demo_module.prepare(cli.settings)
     stop = threading.Event()
+    server = None
     try:
+        if console:
+            from console.commands import serve_demo_console
+
+            server = serve_demo_console(engine, console_host, console_port)
         with stop_on_signals(stop):
             demo_module.run_demo(engine, stop, options)
     finally:
+        if server is not None:
+            server.stop()
         engine.close()
 
 

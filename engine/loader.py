@@ -5,9 +5,10 @@ As with Celery's and rq's ``-A``, a name is an importable module path
 on the import path, so a module next to you is found. Every
 :class:`~engine.Saga` among the module's globals is registered.
 
-A module may also define ``init_engine(engine)``: it is called once with the
-engine the command built, the way Flask extensions have ``init_app(app)``,
-so the module's participants can use the engine's database or settings.
+A module may also define ``init_engine(engine)``: a command that runs steps
+in its process (``saga worker``) calls it once with the engine it built, the
+way Flask extensions have ``init_app(app)``, so the module's participants can
+use the engine's database or settings.
 """
 
 from __future__ import annotations

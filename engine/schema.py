@@ -54,6 +54,8 @@ instances = sa.Table(
     ),
     sa.Index("ix_saga_instances_created", "created_at", "id"),
     sa.Index("ix_saga_instances_state_created", "state", "created_at", "id"),
+    # The console's saga-type filter: a tab's page and its count read one range.
+    sa.Index("ix_saga_instances_name_state_created", "saga_name", "state", "created_at", "id"),
     sa.Index("ix_saga_instances_correlation", "correlation_id"),
     sa.Index("ix_saga_instances_business_key", "business_key"),
     sa.Index("uq_saga_instances_idempotency", "saga_name", "idempotency_key", unique=True),

@@ -21,6 +21,8 @@ from engine import schema as t
 from engine.errors import InvalidInput
 from engine.model import now_ms
 
+#: werkzeug's hash method for new passwords; a stored hash names its own method.
+PASSWORD_HASH_METHOD = "scrypt"
 MIN_PASSWORD = 8
 MAX_PASSWORD = 200
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,149}$")
@@ -82,7 +84,7 @@ class UserStore:
             c.execute(
                 t.users.insert().values(
                     name=name,
-                    password_hash=generate_password_hash(password),
+                    password_hash=generate_password_hash(password, method=PASSWORD_HASH_METHOD),
                     role=str(role),
                     disabled=False,
                     created_at=now,
@@ -131,9 +133,8 @@ class UserStore:
 
     def set_password(self, name: str, password: str) -> User:
         _check_password(password)
-        return self._update(
-            name, {"password_hash": generate_password_hash(password)}, demotes=False
-        )
+        hashed = generate_password_hash(password, method=PASSWORD_HASH_METHOD)
+        return self._update(name, {"password_hash": hashed}, demotes=False)
 
     def count(self) -> int:
         with self.db.connect() as c:

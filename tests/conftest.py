@@ -20,7 +20,9 @@ from engine.schema import metadata
 from tests.helpers.engines import Engines
 from tests.helpers.participant import Participant
 
-PG_ADMIN_URL = os.environ.get("SAGA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "SAGA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = bool(os.environ.get("CI"))
 

@@ -1,4 +1,4 @@
-"""console users
+"""console users, and the index of the console's saga-type filter
 
 Revision ID: 0002
 Revises: 0001
@@ -37,9 +37,17 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("saga_users", schema=None) as batch_op:
         batch_op.create_index("uq_saga_users_name", ["name"], unique=True)
+    with op.batch_alter_table("saga_instances", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_saga_instances_name_state_created",
+            ["saga_name", "state", "created_at", "id"],
+            unique=False,
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("saga_instances", schema=None) as batch_op:
+        batch_op.drop_index("ix_saga_instances_name_state_created")
     with op.batch_alter_table("saga_users", schema=None) as batch_op:
         batch_op.drop_index("uq_saga_users_name")
     op.drop_table("saga_users")

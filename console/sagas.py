@@ -1,0 +1,193 @@
+"""Instances: the list by state, the search box, the instance page, and operator actions.
+
+Each view parses its input (:mod:`console.params`), asks the engine's
+queries or operations, and renders a page, or the ``_partial`` that an htmx
+request (``HX-Request`` header) swaps in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+
+from console import describe, services
+from console.auth import require_role
+from console.forms import ActionForm
+from console.params import parse_action, parse_list, parse_search
+from console.timeline import build_steps, idempotency_keys
+from engine.definition import Saga
+from engine.errors import ConcurrencyConflict, InvalidTransition, UnknownSaga
+from engine.interventions import Action
+from engine.model import Instance
+from engine.queries import InstanceFilter
+from engine.states import SagaState
+from engine.users import Role
+
+bp = Blueprint("sagas", __name__)
+
+PAGE_SIZE = 50
+SEARCH_LIMIT = 50
+#: The state tabs, in the order an on-call engineer looks at them.
+TABS = [
+    SagaState.FAILED,
+    SagaState.RUNNING,
+    SagaState.COMPENSATING,
+    SagaState.COMPLETED,
+    SagaState.COMPENSATED,
+    SagaState.CANCELLED,
+]
+
+
+def index() -> ResponseReturnValue:
+    """``/``: the instance list."""
+    return redirect(url_for("sagas.list_instances"))
+
+
+@bp.get("/sagas")
+def list_instances() -> ResponseReturnValue:
+    """The instance list: state tabs with counts, filters, one keyset page."""
+    query = parse_list(request.args)
+    svc = services.get()
+    page = svc.queries.list_instances(query.filter, limit=PAGE_SIZE, cursor=query.cursor)
+    cap = int(current_app.config["SAGA_COUNT_CAP"])
+    counts = svc.queries.counts_by_state_capped(cap, query.filter.saga_name)
+    context: dict[str, Any] = {
+        "page": page,
+        "query": query,
+        "tabs": TABS,
+        "counts": counts,
+        "cap": cap,
+        "total": _total_label(counts, cap),
+        "saga_names": svc.engine.registry.names(),
+        "poll_seconds": int(current_app.config["SAGA_LIST_POLL_SECONDS"]),
+    }
+    if _is_htmx():
+        return render_template("_instances.html", **context)
+    return render_template("instances.html", **context)
+
+
+@bp.get("/search")
+def search() -> ResponseReturnValue:
+    """Instances, dead letters and operator actions for a saga id, correlation id or key."""
+    text = parse_search(request.args)
+    if text is None:
+        return render_template("search.html", q="", page=None, dead_letters=[], actions=[])
+    queries = services.get().queries
+    page = queries.list_instances(InstanceFilter(search=text), limit=SEARCH_LIMIT)
+    ids = [item.id for item in page.items]
+    dead_letters = [d for i in ids for d in queries.dead_letters(saga_id=i, open_only=False)]
+    actions = [a for i in ids for a in queries.operator_actions(saga_id=i)]
+    actions.sort(key=lambda a: a.id, reverse=True)
+    return render_template(
+        "search.html", q=text, page=page, dead_letters=dead_letters, actions=actions
+    )
+
+
+@bp.get("/sagas/<saga_id>")
+def instance(saga_id: str) -> ResponseReturnValue:
+    """One instance: steps, attempts, payload, outputs, actions, events; polled while live."""
+    svc = services.get()
+    inst = svc.engine.get(saga_id)
+    if _is_htmx() and request.args.get("v") == str(inst.version):
+        return "", 204  # nothing changed since the last poll: htmx keeps what it shows
+    context = _instance_context(inst)
+    if _is_htmx():
+        return render_template("_instance.html", **context)
+    return render_template("instance.html", **context)
+
+
+@bp.route("/sagas/<saga_id>/actions/<action_name>", methods=["GET", "POST"])
+@require_role(Role.OPERATOR)
+def act(saga_id: str, action_name: str) -> ResponseReturnValue:
+    """GET: the confirmation page. POST: apply the action with the version the operator saw."""
+    action = parse_action(action_name)
+    svc = services.get()
+    inst = svc.engine.get(saga_id)
+    form = ActionForm()
+    if request.method == "GET":
+        _check_seen_version(inst, request.args.get("version"))
+        _check_allowed(inst, action)
+        form.expected_version.data = inst.version
+        return render_template("confirm.html", **_confirm_context(inst, action, form))
+    if not form.validate_on_submit():
+        return render_template("confirm.html", **_confirm_context(inst, action, form)), 400
+    done = svc.operations.act(
+        action,
+        saga_id,
+        actor=current_user.name,
+        reason=form.reason.data,
+        expected_version=form.expected_version.data,
+    )
+    flash(
+        f"{describe.LABELS[action]}: done by {current_user.name}. The saga went to "
+        f"{done.state} (version {done.version})."
+    )
+    return redirect(url_for("sagas.instance", saga_id=saga_id))
+
+
+def _total_label(counts: dict[str, int], cap: int) -> str:
+    total = sum(min(n, cap) for n in counts.values())
+    return f"{total:,}+" if any(n > cap for n in counts.values()) else f"{total:,}"
+
+
+def _instance_context(inst: Instance) -> dict[str, Any]:
+    svc = services.get()
+    queries = svc.queries
+    events = queries.timeline(inst.id)
+    defn = _definition(inst)
+    duplicates = queries.duplicates_absorbed(idempotency_keys(inst))
+    allowed = svc.operations.allowed(inst) if defn is not None else []
+    return {
+        "inst": inst,
+        "defn": defn,
+        "steps": build_steps(inst, events, duplicates, defn),
+        "events": events,
+        "dead_letters": queries.dead_letters(saga_id=inst.id, open_only=False),
+        "actions": queries.operator_actions(saga_id=inst.id),
+        "allowed": allowed if current_user.can(Role.OPERATOR) else [],
+        "labels": describe.LABELS,
+        "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
+    }
+
+
+def _confirm_context(inst: Instance, action: Action, form: ActionForm) -> dict[str, Any]:
+    return {
+        "inst": inst,
+        "action": action,
+        "form": form,
+        "label": describe.LABELS[action],
+        "consequence": describe.consequence(action, inst),
+    }
+
+
+def _definition(inst: Instance) -> Saga | None:
+    # The console may not load every saga's module (SAGA_APP); it still shows
+    # the instance, without actions.
+    try:
+        return services.get().engine.registry.get(inst.saga_name, inst.saga_version)
+    except UnknownSaga:
+        return None
+
+
+def _check_seen_version(inst: Instance, seen: str | None) -> None:
+    if seen is None or not seen.isdigit() or int(seen) == inst.version:
+        return
+    raise ConcurrencyConflict(
+        inst.id, int(seen), inst.version, f"it is {inst.state} at step {inst.current.name!r}"
+    )
+
+
+def _check_allowed(inst: Instance, action: Action) -> None:
+    if _definition(inst) is None:
+        raise UnknownSaga(
+            f"{inst.saga_name} v{inst.saga_version}", services.get().engine.registry.names()
+        )
+    if action not in services.get().operations.allowed(inst):
+        raise InvalidTransition(inst.id, str(action), inst.state, "its state does not allow it now")
+
+
+def _is_htmx() -> bool:
+    return request.headers.get("HX-Request") == "true"
