@@ -22,6 +22,7 @@ def init_app(app: Flask) -> None:
     app.add_template_filter(duration, "duration")
     app.add_template_filter(pretty_json, "pretty_json")
     app.add_template_filter(tally, "tally")
+    app.add_template_filter(event_detail, "event_detail")
     app.add_template_global(now_ms, "now_ms")
     app.add_template_global(Role, "Role")
     app.add_template_global(link, "link")
@@ -69,6 +70,25 @@ def tally(count: int, cap: int) -> str:
 def pretty_json(value: Any) -> str:
     """Indented JSON text; the template escapes it like any other text."""
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def event_detail(detail: dict[str, Any] | None) -> str:
+    """An event's detail for people: ``deadline at: 2026-11-25 19:42:50.719 · duration: 12 ms``.
+
+    Keys ending in ``_at`` are epoch milliseconds and ``_ms`` are spans; the
+    rest show as JSON. The template escapes the result like any other text.
+    """
+    parts = []
+    for key, value in (detail or {}).items():
+        label = key.replace("_", " ")
+        if key.endswith("_at") and isinstance(value, int):
+            text = timestamp(value)
+        elif key.endswith("_ms") and isinstance(value, int):
+            label, text = label[:-3], duration(value)
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+        parts.append(f"{label}: {text}")
+    return " · ".join(parts)
 
 
 def link(endpoint: str, args: dict[str, str], **changes: Any) -> str:

@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from engine.decide import Recover, Run, begin_attempt, decide, record_failure, record_success
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
+from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition
 from engine.registry import Registry
 from engine.states import Phase
@@ -267,10 +268,12 @@ class Executor:
     def _call(self, inst: Instance, step: _Step, conn: Connection | None) -> Any:
         sdef = step.defn.steps[step.run.index]
         ctx = self.context(inst, step.run, conn)
-        if step.run.phase is Phase.ACTION:
-            return sdef.action(ctx)
-        assert sdef.compensation is not None
-        return sdef.compensation(ctx, inst.steps[step.run.index].output)
+        # Every line the step's code logs carries the saga and correlation ids.
+        with bound(inst.id, inst.correlation_id):
+            if step.run.phase is Phase.ACTION:
+                return sdef.action(ctx)
+            assert sdef.compensation is not None
+            return sdef.compensation(ctx, inst.steps[step.run.index].output)
 
     def context(self, inst: Instance, run: Run, conn: Connection | None = None) -> StepContext:
         name = inst.steps[run.index].name

@@ -40,6 +40,9 @@ instances = sa.Table(
     sa.Column("next_run_at", Millis, nullable=True),
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_expires_at", Millis, nullable=True),
+    # Set by the stuck sweep when the instance made no progress for longer than
+    # its current step is expected to take (plus grace); cleared on progress.
+    sa.Column("stuck_since", Millis, nullable=True),
     sa.Index(
         "ix_saga_instances_due",
         "next_run_at",
@@ -51,6 +54,12 @@ instances = sa.Table(
         "lease_expires_at",
         postgresql_where=sa.text("lease_owner IS NOT NULL"),
         sqlite_where=sa.text("lease_owner IS NOT NULL"),
+    ),
+    sa.Index(
+        "ix_saga_instances_stuck",
+        "stuck_since",
+        postgresql_where=sa.text("stuck_since IS NOT NULL"),
+        sqlite_where=sa.text("stuck_since IS NOT NULL"),
     ),
     sa.Index("ix_saga_instances_created", "created_at", "id"),
     sa.Index("ix_saga_instances_state_created", "state", "created_at", "id"),

@@ -40,6 +40,8 @@ def _build_save_statement(with_owner: bool, release: bool) -> sa.Update:
         cond.append(i.lease_owner == sa.bindparam("b_owner"))
     values: dict[str, Any] = {name: sa.bindparam(name) for name in _INSTANCE_FIELDS}
     values["version"] = sa.bindparam("b_version") + 1
+    # Any stored transition is progress, so it clears the stuck sweep's finding.
+    values["stuck_since"] = None
     if release:
         values.update(lease_owner=None, lease_expires_at=None)
     return t.instances.update().where(*cond).values(values)

@@ -372,19 +372,14 @@ def test_every_action_is_refused_on_a_finished_saga(
 
 def test_a_stale_expected_version_is_refused(saga: Any, engine: SagaEngine, store_url: str) -> None:
     saga_id = engine.start("book_trip", {}).id
-    version = engine.get(saga_id).version
+    seen = engine.get(saga_id).version
+    # Someone else acts first: the version the operator saw is now stale.
+    engine.operations.retry(saga_id, actor="colleague", reason="nudge")
     before = row_counts(store_url)
 
-    result = saga(
-        "cancel",
-        saga_id,
-        "--reason",
-        "stop",
-        "--expected-version",
-        str(version - 1) if version > 1 else "99",
-    )
+    result = saga("cancel", saga_id, "--reason", "stop", "--expected-version", str(seen))
 
-    assert_refused(result, 4, "changed since you read it")
+    assert_refused(result, 4, "changed since you read it", f"you saw version {seen}")
     assert row_counts(store_url) == before
     assert engine.get(saga_id).state is SagaState.RUNNING
 

@@ -1,0 +1,23 @@
+"""bulk recovery operations (issue 5)
+
+Reserved so that work on separate issues chains its migrations without
+conflicts; it changes nothing until that work fills it in.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+from __future__ import annotations
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
