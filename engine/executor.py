@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
@@ -33,6 +33,7 @@ from engine.store import Store, dumps
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Executor:
         self._rand = random.Random()
         self._lock = threading.Lock()
         self.leases = Heartbeat(store, owner, lease_ms, clock)
+        self._batch_failures = _FailureRate()
 
     def shutdown(self) -> None:
         self.leases.stop()
@@ -143,10 +145,9 @@ class Executor:
             inst, created = self.store.create(transition, self.owner)
             return self.resume(inst, step) if created else inst
         try:
-            try:
-                inst, nxt = self._start_in_one_transaction(transition, step, contain=False)
-            except _StepRaised:
-                inst, nxt = self._start_in_one_transaction(transition, step, contain=True)
+            inst, nxt = self._optimistically(
+                step, lambda contain: self._start_in_one_transaction(transition, step, contain)
+            )
         except _Duplicate as duplicate:
             return duplicate.instance
         return inst if nxt is None else self._loop(inst, Transition(inst), nxt, step.defn)
@@ -175,10 +176,24 @@ class Executor:
     ) -> tuple[Instance, Transition, _Step | None]:
         # The actions' writes and the recorded results commit together, so each
         # effect happens exactly once; on any error they roll back together.
+        return self._optimistically(
+            step, lambda contain: self._run_in_one_transaction(inst, step, contain)
+        )
+
+    def _optimistically(self, step: _Step, run: Callable[[bool], _T]) -> _T:
+        """``run(contain=False)``, and again with savepoints if a step raised.
+
+        Savepoints cost two round trips per attempt, so batches go without
+        them, unless batches of this saga type have been failing lately: then
+        running twice would cost more, and they start with savepoints.
+        """
+        if self._batch_failures.likely(step.defn.name):
+            return run(True)
         try:
-            return self._run_in_one_transaction(inst, step, contain=False)
+            return run(False)
         except _StepRaised:
-            return self._run_in_one_transaction(inst, step, contain=True)
+            self._batch_failures.record(step.defn.name, failed=True)
+            return run(True)
 
     def _run_in_one_transaction(
         self,
@@ -204,14 +219,16 @@ class Executor:
         undoes only that attempt and is recorded, and what follows it (a
         retry, the compensations) still commits once.
         """
-        current = step
+        current, failed = step, False
         while True:
             inst = transition.instance
             outcome = self._attempt(inst, current, conn, contain)
+            failed = failed or isinstance(outcome, Failure)
             transition, nxt = self.plan(
                 transition.then(self._outcome(inst, current, outcome)), step.defn
             )
             if nxt is None or not nxt.defn.steps[nxt.run.index].transactional:
+                self._batch_failures.record(step.defn.name, failed=failed)
                 return transition, nxt
             current = nxt
 
@@ -351,6 +368,26 @@ class Executor:
     def _random(self) -> float:
         with self._lock:
             return self._rand.random()
+
+
+class _FailureRate:
+    """How often recent transactional batches of each saga type had a step raise.
+
+    An exponentially weighted average per saga name; races between threads
+    only blur it, which is harmless for a hint.
+    """
+
+    def __init__(self, weight: float = 0.1, threshold: float = 0.3) -> None:
+        self.weight = weight
+        self.threshold = threshold
+        self._rates: dict[str, float] = {}
+
+    def record(self, saga_name: str, failed: bool) -> None:
+        rate = self._rates.get(saga_name, 0.0)
+        self._rates[saga_name] = rate + self.weight * (float(failed) - rate)
+
+    def likely(self, saga_name: str) -> bool:
+        return self._rates.get(saga_name, 0.0) > self.threshold
 
 
 class _StepRaised(Exception):
