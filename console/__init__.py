@@ -1,7 +1,8 @@
 """The operator console: a Flask + htmx client of the engine's operations and queries.
 
 ``create_app()`` is the factory (``gunicorn 'console:create_app()'``); the
-blueprints are one per area (auth, sagas, audit, health). Views parse input,
+blueprints are one per area (auth, sagas, dead letters, bulk recovery,
+step-duration charts, audit, health). Views parse input,
 call :mod:`engine.operations` / :mod:`engine.queries` / :mod:`engine.users`,
 and render templates from the top-level ``templates/`` folder.
 """
@@ -19,9 +20,13 @@ from flask import Flask, Response
 
 import console.audit
 import console.auth
+import console.bulk
+import console.charts
+import console.deadletters
 import console.errors
 import console.formatting
 import console.health
+import console.metrics
 import console.sagas
 import console.services
 
@@ -53,8 +58,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     console.auth.init_app(app)
     console.errors.init_app(app)
     console.formatting.init_app(app)
+    console.metrics.init_app(app)
     for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
         app.register_blueprint(blueprint)
+    console.bulk.init_app(app)
+    for area in (console.deadletters.bp, console.bulk.bp, console.charts.bp):
+        app.register_blueprint(area)
+    app.register_blueprint(console.metrics.bp)
     app.add_url_rule("/", "index", console.sagas.index)
     app.after_request(_security_headers)
     app.jinja_env.globals["htmx_available"] = HTMX.is_file()

@@ -11,7 +11,7 @@ from flask.typing import ResponseReturnValue
 
 from console import services
 from console.params import parse_audit
-from engine.interventions import Action
+from engine.interventions import AUDIT_ACTIONS
 
 bp = Blueprint("audit", __name__)
 
@@ -34,5 +34,5 @@ def audit_log() -> ResponseReturnValue:
         rows=rows[:PAGE_SIZE],
         query=query,
         next_before=next_before,
-        action_names=[a.value for a in Action],
+        action_names=list(AUDIT_ACTIONS),
     )

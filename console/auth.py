@@ -37,8 +37,9 @@ bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
 csrf = CSRFProtect()
 
-#: Endpoints anyone may reach: the sign-in page, the health check, static files.
-PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "static"})
+#: Endpoints anyone may reach: the sign-in page, the health check, static files, and the
+#: Prometheus scrape (which asks for its own bearer token when SAGA_METRICS_TOKEN is set).
+PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "static", "metrics.scrape"})
 
 F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 

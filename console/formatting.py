@@ -75,13 +75,13 @@ def pretty_json(value: Any) -> str:
 def event_detail(detail: dict[str, Any] | None) -> str:
     """An event's detail for people: ``deadline at: 2026-11-25 19:42:50.719 · duration: 12 ms``.
 
-    Keys ending in ``_at`` are epoch milliseconds and ``_ms`` are spans; the
-    rest show as JSON. The template escapes the result like any other text.
+    Keys ending in ``_at`` or ``_since`` are epoch milliseconds and ``_ms``
+    are spans; the rest show as JSON. The template escapes the result like any other text.
     """
     parts = []
     for key, value in (detail or {}).items():
         label = key.replace("_", " ")
-        if key.endswith("_at") and isinstance(value, int):
+        if key.endswith(("_at", "_since")) and isinstance(value, int):
             text = timestamp(value)
         elif key.endswith("_ms") and isinstance(value, int):
             label, text = label[:-3], duration(value)

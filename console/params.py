@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from engine.errors import InvalidInput
-from engine.interventions import Action
+from engine.interventions import AUDIT_ACTIONS, Action
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 
@@ -38,15 +38,23 @@ class AuditQuery:
 
 
 def parse_list(args: Mapping[str, str]) -> ListQuery:
-    """The instance list's ``state``, ``saga``, ``from``, ``to`` and ``cursor`` parameters."""
-    state = _state(args.get("state", ""))
+    """The instance list's ``state``, ``saga``, ``from``, ``to`` and ``cursor`` parameters.
+
+    ``state=stuck`` is the stuck tab: instances the stuck sweep flagged, in any state.
+    """
+    stuck = args.get("state", "").strip() == "stuck"
+    state = None if stuck else _state(args.get("state", ""))
     saga = _text(args, "saga", 100)
     created_from = _time(args, "from")
     created_to = _time(args, "to")
     if created_from is not None and created_to is not None and created_from >= created_to:
         raise InvalidInput("time range", "'from' must be before 'to'")
     flt = InstanceFilter(
-        state=state, saga_name=saga, created_from=created_from, created_to=created_to
+        state=state,
+        saga_name=saga,
+        created_from=created_from,
+        created_to=created_to,
+        stuck=stuck,
     )
     kept = {k: args[k].strip() for k in ("state", "saga", "from", "to") if args.get(k, "").strip()}
     return ListQuery(flt, _text(args, "cursor", 300), kept)
@@ -60,10 +68,8 @@ def parse_search(args: Mapping[str, str]) -> str | None:
 def parse_audit(args: Mapping[str, str]) -> AuditQuery:
     """The audit page's ``actor``, ``action``, ``saga_id`` filters and ``before`` cursor."""
     action = _text(args, "action", 40)
-    if action is not None and action not in {a.value for a in Action}:
-        raise InvalidInput(
-            "action", f"{action!r} is not one of {', '.join(a.value for a in Action)}"
-        )
+    if action is not None and action not in AUDIT_ACTIONS:
+        raise InvalidInput("action", f"{action!r} is not one of {', '.join(AUDIT_ACTIONS)}")
     before = _text(args, "before", 20)
     if before is not None and not before.isdigit():
         raise InvalidInput("before", f"{before!r} is not a page cursor from this list")

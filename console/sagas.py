@@ -15,13 +15,14 @@ from flask_login import current_user
 
 from console import describe, services
 from console.auth import require_role
+from console.charts import step_charts
 from console.forms import ActionForm
 from console.params import parse_action, parse_list, parse_search
 from console.timeline import build_steps, idempotency_keys
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidTransition, UnknownSaga
 from engine.interventions import Action
-from engine.model import Instance
+from engine.model import Instance, now_ms
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 from engine.users import Role
@@ -30,6 +31,8 @@ bp = Blueprint("sagas", __name__)
 
 PAGE_SIZE = 50
 SEARCH_LIMIT = 50
+#: Recent instances of the same saga type whose step durations the charts show.
+CHART_RUNS = 200
 #: The state tabs, in the order an on-call engineer looks at them.
 TABS = [
     SagaState.FAILED,
@@ -54,11 +57,13 @@ def list_instances() -> ResponseReturnValue:
     page = svc.queries.list_instances(query.filter, limit=PAGE_SIZE, cursor=query.cursor)
     cap = int(current_app.config["SAGA_COUNT_CAP"])
     counts = svc.queries.counts_by_state_capped(cap, query.filter.saga_name)
+    stuck_count = svc.queries.count_stuck(cap, query.filter.saga_name)
     context: dict[str, Any] = {
         "page": page,
         "query": query,
         "tabs": TABS,
         "counts": counts,
+        "stuck_count": stuck_count,
         "cap": cap,
         "total": _total_label(counts, cap),
         "saga_names": svc.engine.registry.names(),
@@ -140,6 +145,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
     defn = _definition(inst)
     duplicates = queries.duplicates_absorbed(idempotency_keys(inst))
     allowed = svc.operations.allowed(inst) if defn is not None else []
+    durations = queries.recent_step_durations(inst.saga_name, CHART_RUNS)
     return {
         "inst": inst,
         "defn": defn,
@@ -148,6 +154,8 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "dead_letters": queries.dead_letters(saga_id=inst.id, open_only=False),
         "actions": queries.operator_actions(saga_id=inst.id),
         "allowed": allowed if current_user.can(Role.OPERATOR) else [],
+        "stuck_since": queries.stuck_since(inst.id),
+        "charts": step_charts(inst, durations, now_ms()),
         "labels": describe.LABELS,
         "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
     }

@@ -14,7 +14,7 @@ from typing import Any
 from engine.definition import Saga
 from engine.model import EventKind, Instance
 from engine.queries import EventRecord
-from engine.states import Phase
+from engine.states import CompensationStatus, Phase, StepStatus
 
 _ENDINGS = {
     EventKind.ATTEMPT_SUCCEEDED.value: "succeeded",
@@ -89,8 +89,19 @@ def build_steps(
     views = [_step_view(inst, i, duplicates, defn) for i in range(len(inst.steps))]
     for attempt_step, attempt in _attempts(events):
         if 0 <= attempt_step < len(views):
+            if attempt.outcome == "running" and not _in_flight(inst, attempt_step, attempt):
+                # No ending event, and the step has moved on (an operator
+                # stopped it, or the instance was cancelled): not running.
+                attempt.outcome = "interrupted"
             views[attempt_step].attempts.append(attempt)
     return views
+
+
+def _in_flight(inst: Instance, index: int, attempt: Attempt) -> bool:
+    step = inst.steps[index]
+    if attempt.phase == Phase.ACTION.value:
+        return step.status is StepStatus.RUNNING and attempt.number == step.attempts
+    return step.comp_status is CompensationStatus.RUNNING and attempt.number == step.comp_attempts
 
 
 def _step_view(

@@ -9,18 +9,24 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.bus import CommandBus, bus_from_settings
 from engine.definition import Saga
 from engine.errors import InvalidInput
 from engine.executor import Clock, Executor
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
 from engine.operations import Operations
 from engine.registry import Registry
+from engine.remote import Dispatcher
 from engine.settings import Settings
 from engine.states import SagaState
 from engine.store import Store, dumps, open_store, retry_on_disconnect
 from engine.transport import InProcessQueue, Transport, ring
+
+if TYPE_CHECKING:
+    from engine.participant import ParticipantRuntime, ParticipantService
+    from engine.signals import Delivered
 
 _MAX_KEY = 200
 
@@ -47,6 +53,7 @@ class SagaEngine:
         settings: Settings | None = None,
         store: Store | None = None,
         transport: Transport | None = None,
+        bus: CommandBus | None = None,
         clock: Clock = now_ms,
     ) -> None:
         self.settings = settings or Settings.from_env()
@@ -55,11 +62,15 @@ class SagaEngine:
             self.settings.database_url, pool_size=max(self.settings.concurrency, 5)
         )
         self.transport = transport or _default_transport(self.settings)
+        #: Carries remote steps' commands and replies (Redis, or this process's queues).
+        self.bus = bus or bus_from_settings(self.settings)
+        self._participants: list[ParticipantRuntime] = []
         self.clock = clock
         self.owner = self.settings.worker_id
         self.executor = Executor(
             self.store, self.registry, self.owner, clock, lease_ms=self.lease_ms
         )
+        self.executor.dispatcher = Dispatcher(self.bus, clock)
         self.operations = Operations(self.store, self.registry, self.transport, clock)
 
     @property
@@ -82,8 +93,16 @@ class SagaEngine:
         transition = self._new_instance(
             saga_name, payload, correlation_id, business_key, idempotency_key
         )
+        defn = self.registry.latest(saga_name)
+        first = None
+        if defn.steps[0].remote is not None:
+            # A remote first step needs no worker to begin: its attempt is stored
+            # with the instance, and its command goes out after that commit.
+            transition, first = self.executor.plan(transition, defn)
         inst, created = retry_on_disconnect(lambda: self.store.create(transition, self.owner))
-        if created:
+        if created and first is not None and self.executor.dispatcher is not None:
+            self.executor.dispatcher.send(inst, first.run.index, first.run.phase, defn)
+        elif created:
             ring(self.transport, inst.id)
         return Started(inst, created)
 
@@ -122,9 +141,45 @@ class SagaEngine:
 
         return Worker(self, concurrency or self.settings.concurrency)
 
+    def signal(
+        self, saga_id: str, event: str, data: Any = None, *, sent_by: str = "api"
+    ) -> Delivered:
+        """Deliver the external event ``event`` (with JSON ``data``) to a waiting step.
+
+        Stored first, then taken by the step waiting for it (now, or when it
+        begins); see :mod:`engine.signals` for what is refused.
+        """
+        from engine.signals import deliver
+
+        return deliver(self, saga_id, event, data, sent_by=sent_by)
+
+    def participant(
+        self, *services: ParticipantService, concurrency: int = 8, only: Iterable[str] = ()
+    ) -> ParticipantRuntime:
+        """A participant runtime on this engine's bus (``start()`` it, ``stop()`` to drain).
+
+        With the in-process bus this is how remote steps run without Redis:
+        the participants' handlers run as threads of this process.
+        """
+        from engine.participant import ParticipantRuntime
+
+        runtime = ParticipantRuntime(
+            services,
+            self.bus,
+            consumer=f"{self.owner}:participant",
+            concurrency=concurrency,
+            only=tuple(only),
+            settings=self.settings,
+        )
+        self._participants.append(runtime)  # stopped (drained) by close()
+        return runtime
+
     def close(self) -> None:
+        for runtime in self._participants:
+            runtime.stop()
         self.executor.shutdown()
         self.transport.close()
+        self.bus.close()
         self.store.dispose()
 
     def _new_instance(

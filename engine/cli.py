@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -55,6 +55,9 @@ from engine.registry import Registry
 from engine.settings import Settings
 from engine.states import Phase, SagaState
 from engine.store import Store, open_store
+
+if TYPE_CHECKING:
+    from engine.scheduler import Sweeper
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -304,10 +307,23 @@ def db_current(cli: Cli) -> None:
     default=None,
     help="Instances advanced at once (default: $SAGA_CONCURRENCY or 8).",
 )
+@click.option(
+    "--sweeper",
+    "with_sweeper",
+    is_flag=True,
+    help="Also run the sweeps in this process (one sweeper acts at a time across hosts).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Answer Prometheus scrapes at http://0.0.0.0:PORT/metrics.",
+)
 @pass_cli
-def worker(cli: Cli, concurrency: int | None) -> None:
+def worker(cli: Cli, concurrency: int | None, with_sweeper: bool, metrics_port: int | None) -> None:
     """Run a worker in the foreground until SIGTERM or Ctrl-C, then drain and exit 0."""
     engine = cli.engine()
+    _serve_metrics(cli, metrics_port, store_gauges=with_sweeper)
     cli.app().init(engine)  # the modules' init_engine hooks: steps run in this process
     names = engine.registry.names()
     if not names:
@@ -323,6 +339,8 @@ def worker(cli: Cli, concurrency: int | None) -> None:
     stop = threading.Event()
     with stop_on_signals(stop):
         running.start()
+        if with_sweeper:
+            cli._closers.append(_sweeper(engine).start().stop)
         while not stop.wait(0.5):
             pass
         click.echo("draining: finishing the steps in hand (Ctrl-C again to quit now)", err=True)
@@ -332,6 +350,119 @@ def worker(cli: Cli, concurrency: int | None) -> None:
                 "worker takes them over",
                 err=True,
             )
+
+
+@main.command()
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Answer Prometheus scrapes at http://0.0.0.0:PORT/metrics.",
+)
+@click.option("--once", is_flag=True, help="Run every sweep once, print what each did, exit.")
+@pass_cli
+def sweeper(cli: Cli, metrics_port: int | None, once: bool) -> None:
+    """Run the sweeps on their schedule until SIGTERM or Ctrl-C.
+
+    Any number may run: one (holding a PostgreSQL advisory lock, or a file lock
+    beside a SQLite store) sweeps, the others stand by and take over if it stops.
+    """
+    engine = cli.engine()
+    running = _sweeper(engine)
+    if once:
+        done = running.run_once()
+        running.stop()
+        click.echo(json.dumps(done) if done is not None else "another sweeper leads; did nothing")
+        return
+    _serve_metrics(cli, metrics_port, store_gauges=True)
+    if not engine.registry.names():
+        click.echo(
+            "no saga modules named (-A/--app or SAGA_APP): stuck detection and automatic "
+            "dead-letter retries need the sagas' definitions",
+            err=True,
+        )
+    click.echo(f"sweeper {engine.owner} on {_safe(cli.url)}; Ctrl-C to stop", err=True)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        running.run_forever(stop)
+
+
+def _sweeper(engine: SagaEngine) -> Sweeper:
+    # Imported here: APScheduler loads only for the commands that sweep.
+    from engine.scheduler import Sweeper
+
+    return Sweeper(engine)
+
+
+def _serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
+    """Answer scrapes on ``port``; with the store gauges where one process should serve them
+    (a sweeper), not on every worker."""
+    if port is None:
+        return
+    from engine import metrics
+
+    engine = cli.engine()
+    gauges = [metrics.StoreCollector(engine.store, engine.registry.names)] if store_gauges else []
+    server = metrics.serve(port, *gauges)
+    cli._closers.append(server.shutdown)
+    click.echo(f"metrics on http://0.0.0.0:{server.server_port}/metrics", err=True)
+
+
+@main.command()
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME",
+    help="Serve only this service's commands (repeat for more; default: every service "
+    "the modules' handlers name).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Commands handled at once (default: $SAGA_CONCURRENCY or 8).",
+)
+@pass_cli
+def participant(cli: Cli, services: tuple[str, ...], concurrency: int | None) -> None:
+    """Run participant handlers (-A modules) on commands from Redis until SIGTERM or Ctrl-C."""
+    from engine.bus import RedisBus
+    from engine.loader import import_module
+    from engine.participant import ParticipantRuntime, init_hooks, load_participants
+
+    if not cli.settings.redis_url:
+        raise InvalidInput(
+            "SAGA_REDIS_URL",
+            "is not set: a participant process reads its commands from Redis; without "
+            "Redis, run participants in the worker's process with engine.participant(...)",
+        )
+    modules = [import_module(name) for name in cli.app_names]
+    if not modules:
+        raise InvalidInput("--app", "name the modules that define the handlers with -A/--app")
+    bus = RedisBus.from_settings(cli.settings)
+    cli._closers.append(bus.close)
+    runtime = ParticipantRuntime(
+        load_participants(modules),
+        bus,
+        consumer=cli.settings.worker_id,
+        concurrency=concurrency or cli.settings.concurrency,
+        only=split_names(services),
+        settings=cli.settings,
+    )
+    init_hooks(modules, runtime)
+    click.echo(
+        f"participant {runtime.consumer}: {', '.join(runtime.services)} on {bus.where}, "
+        f"concurrency {runtime.concurrency}; Ctrl-C to stop",
+        err=True,
+    )
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        runtime.start()
+        while not stop.wait(0.5):
+            pass
+        click.echo("draining: finishing the commands in hand", err=True)
+        if not runtime.stop():
+            click.echo("some commands were still running; they are delivered again", err=True)
 
 
 @contextmanager
@@ -401,21 +532,54 @@ def start(
     click.echo(f"  see it with:    saga show {inst.id}")
 
 
-def parse_payload(text: str) -> Any:
+def parse_payload(text: str, option: str = "--payload") -> Any:
     """JSON text, or the JSON in the file ``@PATH``; InvalidInput when it is neither."""
-    source = "--payload"
+    source = option
     if text.startswith("@"):
-        source = f"--payload file {text[1:]!r}"
+        source = f"{option} file {text[1:]!r}"
         try:
             text = Path(text[1:]).read_text(encoding="utf-8")
         except OSError as exc:
-            raise InvalidInput("--payload", f"cannot read {text[1:]!r}: {exc.strerror}") from exc
+            raise InvalidInput(option, f"cannot read {text[1:]!r}: {exc.strerror}") from exc
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInput(
             source, f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from exc
+
+
+@main.command("signal")
+@click.argument("saga_id")
+@click.argument("event")
+@click.option(
+    "--data",
+    default="null",
+    show_default=True,
+    metavar="JSON",
+    help="What the event carries (the waiting step's output), as JSON text or @FILE.",
+)
+@click.option(
+    "--sent-by",
+    default=lambda: os.environ.get("USER") or "cli",
+    show_default="$USER or 'cli'",
+    help="Who sends it, for the timeline.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def signal_(cli: Cli, *, saga_id: str, event: str, data: str, sent_by: str, as_json: bool) -> None:
+    """Deliver EVENT to saga SAGA_ID, for the step that waits for it (now or later)."""
+    delivered = cli.engine().signal(saga_id, event, parse_payload(data, "--data"), sent_by=sent_by)
+    inst = delivered.instance
+    if as_json:
+        _print_json({"event": event, "taken": delivered.taken, "instance": instance_json(inst)})
+        return
+    if delivered.taken:
+        click.echo(
+            f"{event}: taken by saga {inst.id}, now {inst.state} at step {inst.current.name!r}"
+        )
+    else:
+        click.echo(f"{event}: stored for saga {inst.id}; its step takes it when it begins waiting")
 
 
 @main.command("list")
@@ -636,6 +800,390 @@ def _operator_command(action: Action) -> click.Command:
 
 for _action in Action:
     main.add_command(_operator_command(_action))
+
+
+# -- dead letters and bulk recovery --------------------------------------------
+
+
+@main.command("deadletters")
+@click.option("--saga", "saga_name", metavar="NAME", help="Only dead letters of this saga.")
+@click.option("--step", "step_name", metavar="NAME", help="Only those failing at this step.")
+@click.option("--limit", type=int, default=50, show_default=True, help="Rows per page (1-500).")
+@click.option("--cursor", help="The next_cursor a previous page printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def deadletters(
+    cli: Cli,
+    *,
+    saga_name: str | None,
+    step_name: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+) -> None:
+    """List dead-lettered instances: failing step, error, first and last failure, attempts."""
+    page = Queries(cli.store()).dead_lettered(
+        saga_name=saga_name, step_name=step_name, limit=limit, before=cursor
+    )
+    if as_json:
+        _print_json(
+            {"dead_letters": [d.to_json() for d in page.items], "next_cursor": page.next_cursor}
+        )
+        return
+    rows = [
+        (
+            d.saga_id,
+            f"{d.saga_name} v{d.saga_version}",
+            f"{d.step_name} ({d.phase})",
+            str(d.attempts),
+            _when(d.first_failure_at),
+            _when(d.last_failure_at),
+            _first_line(d.error, 60),
+        )
+        for d in page.items
+    ]
+    header = ("ID", "SAGA", "FAILING STEP", "ATTEMPTS", "FIRST FAILURE", "LAST FAILURE", "ERROR")
+    _print_table(header, rows)
+    if not rows:
+        click.echo("no dead letters: nothing waits for an operator")
+    if page.next_cursor:
+        click.echo(f"more: add --cursor {page.next_cursor}")
+
+
+def _actor_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--actor",
+        default=lambda: os.environ.get("USER") or "cli",
+        show_default="$USER or 'cli'",
+        help="Who is acting, for the audit log.",
+    )(fn)
+
+
+@main.command("edit-retry")
+@click.argument("saga_id")
+@click.option(
+    "--payload",
+    required=True,
+    metavar="JSON",
+    help="The corrected payload (every step's input), as JSON text or @FILE.",
+)
+@click.option("--reason", default="", help="Why; required, recorded in the audit log.")
+@_actor_option
+@click.option("--expected-version", type=int, metavar="N", help="Refuse unless at version N.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def edit_retry(
+    cli: Cli,
+    *,
+    saga_id: str,
+    payload: str,
+    reason: str,
+    actor: str,
+    expected_version: int | None,
+    as_json: bool,
+) -> None:
+    """Replace the payload, then retry the failed step now (the audit log keeps both)."""
+    inst = cli.engine().operations.edit_and_retry(
+        saga_id,
+        parse_payload(payload),
+        actor=actor,
+        reason=reason,
+        expected_version=expected_version,
+    )
+    _print_done("edit_retry", inst, actor, as_json)
+
+
+@main.command("resolve")
+@click.argument("saga_id")
+@click.option("--reason", default="", help="Why; required, recorded in the audit log.")
+@_actor_option
+@click.option("--expected-version", type=int, metavar="N", help="Refuse unless at version N.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def resolve(
+    cli: Cli,
+    *,
+    saga_id: str,
+    reason: str,
+    actor: str,
+    expected_version: int | None,
+    as_json: bool,
+) -> None:
+    """Mark a dead letter resolved by hand: the saga ends cancelled, nothing is undone."""
+    inst = cli.engine().operations.resolve(
+        saga_id, actor=actor, reason=reason, expected_version=expected_version
+    )
+    _print_done("resolve", inst, actor, as_json)
+
+
+def _print_done(action: str, inst: Instance, actor: str, as_json: bool) -> None:
+    if as_json:
+        _print_json({"action": action, "instance": instance_json(inst)})
+        return
+    click.echo(
+        f"{action}: saga {inst.id} is now {inst.state} at step "
+        f"{inst.current.name!r} (version {inst.version}); recorded as {actor}"
+    )
+
+
+@main.group()
+def bulk() -> None:
+    """Recover many instances at once: dry-run, run, stop, show, list."""
+
+
+def _filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--saga", "saga_name", metavar="NAME", help="Saga type."),
+        click.option("--state", help=f"One of {', '.join(SagaState)}."),
+        click.option("--stuck", is_flag=True, help="Only instances flagged stuck."),
+        click.option("--step", "step_name", metavar="NAME", help="The current (failing) step."),
+        click.option("--error", "error_text", metavar="TEXT", help="Its error contains TEXT."),
+        click.option("--from", "time_from", metavar="TIME", help="From this UTC time."),
+        click.option("--to", "time_to", metavar="TIME", help="Before this UTC time."),
+        click.option(
+            "--time-field",
+            type=click.Choice(["created", "updated"]),
+            default="created",
+            show_default=True,
+            help="Which time --from/--to apply to.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+_ACTION = click.argument("action", type=click.Choice([str(a) for a in Action]))
+
+
+def _bulk_filter(options: dict[str, Any]) -> Any:
+    from engine.bulk import BulkFilter
+
+    return BulkFilter(
+        saga_name=options["saga_name"],
+        state=parse_state(options["state"]),
+        stuck=options["stuck"],
+        step_name=options["step_name"],
+        error_text=options["error_text"],
+        time_field=options["time_field"],
+        time_from=_parse_time(options["time_from"], "--from"),
+        time_to=_parse_time(options["time_to"], "--to"),
+    )
+
+
+def _parse_time(text: str | None, option: str) -> int | None:
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(option, f"{text!r} is not a time; use YYYY-MM-DDTHH:MM (UTC)") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return int(at.timestamp() * 1000)
+
+
+@bulk.command("dry-run")
+@_ACTION
+@_filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> None:
+    """Count and sample the instances ACTION would touch; changes nothing."""
+    from engine.bulk import BulkRecovery
+
+    dry = BulkRecovery(cli.engine()).dry_run(Action(action), _bulk_filter(options))
+    if as_json:
+        _print_json(dry.to_json())
+        return
+    _render_dry_run(dry)
+
+
+def _render_dry_run(dry: Any) -> None:
+    from engine.bulk import MAX_ITEMS
+
+    if dry.too_many:
+        click.echo(f"matches more than {MAX_ITEMS:,} instances: narrow the filter")
+        return
+    click.echo(f"{dry.action} would touch {dry.count} instance(s): {dry.selection.describe()}")
+    _print_table(
+        ("ID", "SAGA", "STATE", "STEP", "APPLIES", "ERROR"),
+        [
+            (
+                s.saga_id,
+                f"{s.saga_name} v{s.saga_version}",
+                s.state,
+                s.step_name,
+                "yes" if s.applies else ("?" if s.applies is None else f"no: {s.why_not}"),
+                _first_line(s.error, 50),
+            )
+            for s in dry.sample
+        ],
+        indent=2,
+    )
+    if dry.count > len(dry.sample):
+        click.echo(f"  ... and {dry.count - len(dry.sample)} more")
+
+
+@bulk.command("run")
+@_ACTION
+@_filter_options
+@click.option("--reason", default="", help="Why; required, recorded in the audit log.")
+@click.option(
+    "--expect",
+    "expected",
+    type=int,
+    metavar="N",
+    help="The count the dry run showed; without it, the dry run is shown and nothing runs.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--rate", type=click.FloatRange(0.1, 1000), default=5.0, show_default=True, help="Items/s."
+)
+@click.option(
+    "--max-failure-rate",
+    type=click.FloatRange(0, 100),
+    default=20.0,
+    show_default=True,
+    help="Stop by itself past this % of failed items (judged after 10 items).",
+)
+@_actor_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def bulk_run(
+    cli: Cli,
+    /,
+    action: str,
+    reason: str,
+    expected: int | None,
+    batch_size: int,
+    rate: float,
+    max_failure_rate: float,
+    actor: str,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Apply ACTION to every instance the filter matches, in the foreground (Ctrl-C stops)."""
+    from engine.bulk import BulkRecovery
+
+    engine = cli.engine()
+    recovery, flt = BulkRecovery(engine), _bulk_filter(options)
+    if expected is None:
+        dry = recovery.dry_run(Action(action), flt)
+        _render_dry_run(dry)
+        raise InvalidInput("--expect", f"confirm the count: run again with --expect {dry.count}")
+    op = recovery.create(
+        Action(action),
+        flt,
+        actor=actor,
+        reason=reason,
+        expected_count=expected,
+        batch_size=batch_size,
+        rate_per_second=rate,
+        max_failure_rate=max_failure_rate / 100,
+    )
+    if not as_json:
+        click.echo(f"bulk operation {op.id}: {op.action} on {op.total} instance(s)")
+    done = _follow(recovery, op.id, actor, quiet=as_json)
+    if as_json:
+        _print_json({"operation": done.to_json()})
+        return
+    click.echo(f"bulk operation {done.id} {done.status}: {_tally(done)}; {done.note or ''}")
+
+
+def _follow(recovery: Any, operation_id: str, actor: str, quiet: bool) -> Any:
+    """Run the operation in a thread; print progress; Ctrl-C raises its stop flag."""
+    thread = recovery.spawn(operation_id)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        while thread.is_alive():
+            thread.join(1.0)
+            if stop.is_set() and recovery.get(operation_id).stop_requested_at is None:
+                recovery.stop(operation_id, actor)
+            if not quiet and thread.is_alive():
+                click.echo(f"  {_tally(recovery.get(operation_id))}", err=True)
+    return recovery.get(operation_id)
+
+
+def _tally(op: Any) -> str:
+    return (
+        f"{op.processed}/{op.total} processed: {op.applied} applied, {op.skipped} skipped, "
+        f"{op.errors} errors, {op.failed_again} failed again"
+    )
+
+
+@bulk.command("stop")
+@click.argument("operation_id")
+@_actor_option
+@pass_cli
+def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
+    """Stop a running bulk operation before its next item (from any host)."""
+    from engine.bulk import BulkRecovery
+
+    op = BulkRecovery(cli.engine()).stop(operation_id, actor)
+    click.echo(f"bulk operation {op.id}: stop requested by {actor}; it is {op.status}")
+
+
+@bulk.command("show")
+@click.argument("operation_id")
+@click.option(
+    "--outcome", type=click.Choice(["pending", "applied", "skipped", "error", "failed_again"])
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def bulk_show(cli: Cli, operation_id: str, outcome: str | None, as_json: bool) -> None:
+    """Show a bulk operation's report: settings, totals, and every item's outcome."""
+    from engine.bulk import MAX_ITEMS, BulkStore, ItemOutcome
+
+    store = BulkStore(cli.store().db)
+    op = store.get(operation_id)
+    wanted = ItemOutcome(outcome) if outcome else None
+    items = store.items(operation_id, outcome=wanted, limit=MAX_ITEMS).items
+    if as_json:
+        _print_json({"operation": op.to_json(), "items": [i.to_json() for i in items]})
+        return
+    click.echo(f"bulk operation {op.id}: {op.action} by {op.created_by}, {op.status}")
+    click.echo(f"  filter:  {op.selection.describe()}")
+    click.echo(f"  reason:  {op.reason}")
+    click.echo(f"  totals:  {_tally(op)}")
+    if op.note:
+        click.echo(f"  note:    {op.note}")
+    _print_table(
+        ("#", "ID", "BEFORE", "OUTCOME", "AFTER", "NOW", "WHY"),
+        [
+            (
+                str(i.seq),
+                i.saga_id,
+                i.state_before,
+                str(i.outcome),
+                i.state_after or "",
+                i.state_now or "purged",
+                _first_line(i.error, 60),
+            )
+            for i in items
+        ],
+        indent=2,
+    )
+
+
+@bulk.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
+@pass_cli
+def bulk_list(cli: Cli, as_json: bool) -> None:
+    """List recent bulk operations, newest first."""
+    from engine.bulk import BulkStore
+
+    ops = BulkStore(cli.store().db).recent()
+    if as_json:
+        _print_json({"operations": [o.to_json() for o in ops]})
+        return
+    _print_table(
+        ("ID", "ACTION", "BY", "STATUS", "CREATED", "PROGRESS"),
+        [
+            (o.id, str(o.action), o.created_by, str(o.status), _when(o.created_at), _tally(o))
+            for o in ops
+        ],
+    )
 
 
 def _add_console_commands() -> None:

@@ -33,6 +33,14 @@ class Recover:
 
 
 @dataclass(frozen=True)
+class Expired:
+    """A remote or waiting attempt passed its deadline without a reply or signal: it timed out."""
+
+    index: int
+    phase: Phase
+
+
+@dataclass(frozen=True)
 class Wait:
     """Nothing to do before ``until`` (a retry backoff)."""
 
@@ -46,11 +54,16 @@ class Idle:
     reason: str
 
 
-Decision = Run | Recover | Wait | Idle
+Decision = Run | Recover | Expired | Wait | Idle
 
 
-def decide(inst: Instance, now: int) -> Decision:
-    """What a worker holding the lease should do with ``inst`` at time ``now``."""
+def decide(inst: Instance, now: int, defn: Saga | None = None) -> Decision:
+    """What a worker holding the lease should do with ``inst`` at time ``now``.
+
+    With ``defn``, an attempt in flight at a remote or waiting step is not
+    tied to a worker: it is awaited until its deadline, then expires.
+    Without it, every attempt in flight is taken for one a worker abandoned.
+    """
     if inst.state.is_final:
         return Idle(f"saga is {inst.state}")
     if inst.state is SagaState.FAILED:
@@ -59,10 +72,84 @@ def decide(inst: Instance, now: int) -> Decision:
     step = inst.current
     status = step.status if phase is Phase.ACTION else step.comp_status
     if status in (StepStatus.RUNNING, CompensationStatus.RUNNING):
+        if defn is not None and defn.steps[step.index].external:
+            return _await(step, phase, now)
         return Recover(step.index, phase)
     if inst.next_run_at is not None and inst.next_run_at > now:
         return Wait(inst.next_run_at)
     return Run(step.index, phase, step.attempts_of(phase) + 1)
+
+
+def _await(step: StepState, phase: Phase, now: int) -> Decision:
+    deadline = step.deadline_at if phase is Phase.ACTION else step.comp_deadline_at
+    if deadline is None or now >= deadline:
+        return Expired(step.index, phase)
+    return Wait(deadline)
+
+
+def expiry_failure(defn: Saga, expired: Expired) -> Failure:
+    """The failure an expired remote or waiting attempt is recorded with: timed out."""
+    sdef = defn.steps[expired.index]
+    secs = f"{sdef.timeout.total_seconds():g}s"
+    if sdef.signal is not None:
+        return Failure(f"no {sdef.signal!r} signal arrived within {secs}", timed_out=True)
+    command = sdef.remote.command(expired.phase) if sdef.remote else None
+    return Failure(f"no reply to {command!r} within {secs}", timed_out=True)
+
+
+def reply_problem(inst: Instance, index: int, phase: Phase, attempt: int, now: int) -> str | None:
+    """Why a reply (or late outcome) for this attempt cannot be recorded; None when it can.
+
+    Only the attempt in flight takes an outcome, and only before its
+    deadline: after it, the attempt counts as timed out whatever it did.
+    """
+    if not 0 <= index < len(inst.steps):
+        return f"the saga has no step {index}"
+    step = inst.steps[index]
+    name = f"attempt {attempt} of {step.name!r} ({phase})"
+    if inst.state.is_final or inst.state is SagaState.FAILED:
+        return f"{name}: the saga is already {inst.state}"
+    if index != inst.cursor or phase is not inst.phase:
+        return f"{name}: the saga has moved on to {inst.current.name!r} ({inst.phase})"
+    status = step.status if phase is Phase.ACTION else step.comp_status
+    if step.attempts_of(phase) != attempt:
+        return f"{name}: attempt {step.attempts_of(phase)} superseded it"
+    if status not in (StepStatus.RUNNING, CompensationStatus.RUNNING):
+        return f"{name}: it already ended ({status})"
+    deadline = step.deadline_at if phase is Phase.ACTION else step.comp_deadline_at
+    if deadline is not None and now >= deadline:
+        return f"{name}: it passed its deadline before the reply was handled"
+    return None
+
+
+def signal_problem(inst: Instance, index: int, now: int) -> str | None:
+    """Why the waiting step ``index`` cannot take a signal now or later; None when it can.
+
+    A signal is taken by the attempt waiting for it, or kept for the step
+    while the step has yet to begin (or to wait again after a timeout).
+    """
+    step = inst.steps[index]
+    if inst.state.is_final or inst.state is SagaState.FAILED:
+        return f"the saga is {inst.state}"
+    if inst.state is SagaState.COMPENSATING:
+        return "the saga is compensating: it waits for no more events"
+    if step.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED):
+        return f"step {step.name!r} already ended ({step.status})"
+    if index < inst.cursor:
+        return f"the saga has moved past step {step.name!r}"
+    deadline = step.deadline_at
+    if step.status is StepStatus.RUNNING and deadline is not None and now >= deadline:
+        return f"step {step.name!r} stopped waiting at its deadline"
+    return None
+
+
+def waiting_now(inst: Instance, index: int) -> bool:
+    """True when step ``index`` is the current one and an attempt waits for its signal."""
+    return (
+        inst.state is SagaState.RUNNING
+        and inst.cursor == index
+        and inst.steps[index].status is StepStatus.RUNNING
+    )
 
 
 def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
@@ -95,7 +182,7 @@ def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
         run.index,
         run.phase,
         run.attempt,
-        detail={"deadline_at": deadline},
+        detail={"deadline_at": deadline, **_external_detail(sdef, run.phase)},
         at=now,
     )
     return Transition(nxt, (event,))
@@ -201,6 +288,15 @@ def _needs_undo(step: StepState, sdef: StepDef) -> StepState:
     ):
         return replace(step, comp_status=CompensationStatus.PENDING)
     return step
+
+
+def _external_detail(sdef: StepDef, phase: Phase) -> dict[str, str]:
+    """What the timeline says about where a remote or waiting attempt's outcome comes from."""
+    if sdef.remote is not None:
+        return {"command": sdef.remote.command(phase) or ""}
+    if sdef.signal is not None:
+        return {"event": sdef.signal}
+    return {}
 
 
 def _may_retry(policy: Retry, used: int, failure: Failure, phase: Phase) -> bool:

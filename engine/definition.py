@@ -12,9 +12,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import DefinitionError
+from engine.errors import DefinitionError, NonRetryableError
 from engine.states import Phase, StepKind
 
 if TYPE_CHECKING:
@@ -73,6 +74,39 @@ class Retry:
 NO_RETRY = Retry(max_attempts=1)
 
 
+class StuckPolicy(StrEnum):
+    """What the stuck sweep does, besides flagging, with an instance that stopped progressing."""
+
+    ALERT = "alert"  # flag it (timeline event, metric, console tab) and leave it to a person
+    RETRY = "retry"  # also retry its current step (or compensation) once, as an operator would
+    COMPENSATE = "compensate"  # also force-compensate it, as an operator would
+
+
+#: What a remote step's command name looks like: ``service`` or ``service.name``.
+COMMAND_NAME = re.compile(r"^[A-Za-z0-9_-]{1,50}(\.[A-Za-z0-9_.-]{1,100})?$")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A step a participant service carries out: commands sent over the command stream.
+
+    ``action`` and ``compensation`` are command names such as ``"hotel.reserve"``;
+    the part before the first dot names the service, whose participant
+    processes read the stream ``<prefix>:commands:<service>``.
+    """
+
+    action: str
+    compensation: str | None = None
+
+    @property
+    def service(self) -> str:
+        return self.action.split(".", 1)[0]
+
+    def command(self, phase: Phase) -> str | None:
+        """The command that runs ``phase`` of the step (None: nothing to undo)."""
+        return self.action if phase is Phase.ACTION else self.compensation
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What a step's action or compensation is given."""
@@ -110,6 +144,15 @@ class StepDef:
     transactional: bool = False
     expected_duration: timedelta | None = None
     explicit_kind: bool = False
+    #: Set for a remote step: a participant service runs it (see :class:`Remote`).
+    remote: Remote | None = None
+    #: Set for a step that waits for an external event of this name (a signal).
+    signal: str | None = None
+
+    @property
+    def external(self) -> bool:
+        """True when the outcome comes from outside the worker (a reply or a signal)."""
+        return self.remote is not None or self.signal is not None
 
 
 class StepHandle:
@@ -147,6 +190,13 @@ class Saga:
     default_retry: Retry = field(default_factory=Retry)
     default_compensation_retry: Retry = field(default_factory=lambda: Retry(max_attempts=5))
     stuck_grace: timedelta = timedelta(minutes=5)
+    #: How long a step is expected to take when it does not say (None: its timeout).
+    default_expected_duration: timedelta | None = None
+    #: What the stuck sweep does with an instance of this saga that stopped progressing.
+    stuck_policy: StuckPolicy = StuckPolicy.ALERT
+    #: Automatic retries of a dead-lettered instance by the sweeper: ``max_attempts`` is
+    #: the limit per instance, the delays the wait after each dead letter. None: never.
+    dead_letter_retry: Retry | None = None
     _steps: list[StepDef] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +206,34 @@ class Saga:
             )
         if self.version < 1:
             raise DefinitionError(self.name, None, f"version must be 1 or more, not {self.version}")
+        self._check_sweep_settings()
+
+    def _check_sweep_settings(self) -> None:
+        try:
+            self.stuck_policy = StuckPolicy(self.stuck_policy)
+        except ValueError:
+            choices = ", ".join(StuckPolicy)
+            raise DefinitionError(
+                self.name, None, f"stuck_policy is one of {choices}, not {self.stuck_policy!r}"
+            ) from None
+        if self.stuck_grace < timedelta(0):
+            raise DefinitionError(self.name, None, "stuck_grace cannot be negative")
+        if self.default_expected_duration is not None and self.default_expected_duration <= (
+            timedelta(0)
+        ):
+            raise DefinitionError(self.name, None, "default_expected_duration must be positive")
+        if self.dead_letter_retry is not None and (problem := self.dead_letter_retry.problem()):
+            raise DefinitionError(self.name, None, f"dead_letter_retry: {problem}")
+
+    def stuck_after(self, index: int) -> timedelta:
+        """No progress for this long at step ``index`` means the instance is stuck.
+
+        The step's expected duration (else the saga's default, else the step's
+        timeout) plus the saga's grace.
+        """
+        step = self._steps[index]
+        expected = step.expected_duration or self.default_expected_duration or step.timeout
+        return expected + self.stuck_grace
 
     @property
     def steps(self) -> tuple[StepDef, ...]:
@@ -213,8 +291,14 @@ class Saga:
         kind: StepKind | None = None,
         transactional: bool = False,
         expected_duration: timedelta | None = None,
+        remote: Remote | None = None,
+        signal: str | None = None,
     ) -> StepHandle:
-        """Append a step. Its kind defaults to compensatable before the pivot, retriable after."""
+        """Append a step. Its kind defaults to compensatable before the pivot, retriable after.
+
+        ``remote`` and ``signal`` are set by :meth:`remote_step` and
+        :meth:`wait_for`, which are the way to add those steps.
+        """
         after_pivot = self.pivot_index is not None
         step = StepDef(
             name=name,
@@ -227,16 +311,81 @@ class Saga:
             transactional=transactional,
             expected_duration=expected_duration,
             explicit_kind=kind is not None,
+            remote=remote,
+            signal=signal,
         )
         self._check_step(step, after_pivot)
+        if problem := self._external_problem(step):
+            raise DefinitionError(self.name, step.name, problem)
         self._steps.append(step)
         return StepHandle(self, name)
+
+    def remote_step(
+        self,
+        name: str,
+        command: str,
+        *,
+        compensation: str | None = None,
+        timeout: timedelta | None = None,
+        retry: Retry | None = None,
+        compensation_retry: Retry | None = None,
+        pivot: bool = False,
+        kind: StepKind | None = None,
+        expected_duration: timedelta | None = None,
+    ) -> StepHandle:
+        """Append a step that a participant service runs: ``command`` such as ``"hotel.reserve"``.
+
+        The worker sends the command on the service's stream once the attempt's
+        start is stored, and records the participant's reply; no worker thread
+        waits meanwhile. ``compensation`` names the command that undoes it.
+        The step's timeout is the deadline for the reply.
+        """
+        return self.add_step(
+            name,
+            _runs_remotely,
+            _runs_remotely if compensation is not None else None,
+            timeout=timeout,
+            retry=retry,
+            compensation_retry=compensation_retry,
+            kind=StepKind.PIVOT if pivot else kind,
+            expected_duration=expected_duration,
+            remote=Remote(command, compensation),
+        )
+
+    def wait_for(
+        self,
+        event: str,
+        *,
+        name: str | None = None,
+        timeout: timedelta | None = None,
+        retry: Retry | None = None,
+    ) -> StepHandle:
+        """Append a step that waits for the external event ``event`` (a signal), up to ``timeout``.
+
+        :meth:`SagaEngine.signal` (or ``saga signal ID EVENT``) delivers it; the
+        step's output is the signal's data. When the deadline passes first the
+        step times out and its retry policy applies, which by default allows
+        no second wait (``NO_RETRY``): the saga compensates, or, past the
+        pivot, is dead-lettered. The step is named after the event unless
+        ``name`` is given.
+        """
+        return self.add_step(
+            name or event,
+            _runs_remotely,
+            timeout=timeout,
+            retry=retry or NO_RETRY,
+            signal=event,
+        )
 
     def set_compensation(self, step_name: str, fn: Compensation) -> None:
         index = next((i for i, s in enumerate(self._steps) if s.name == step_name), None)
         if index is None:
             raise DefinitionError(self.name, step_name, "no such step to compensate")
         step = self._steps[index]
+        if step.external:
+            raise DefinitionError(
+                self.name, step_name, "a remote or waiting step is undone by a command"
+            )
         if not callable(fn):
             raise DefinitionError(self.name, step_name, "the compensation is not callable")
         if step.kind is not StepKind.COMPENSATABLE:
@@ -270,6 +419,8 @@ class Saga:
             raise fail("the compensation is not callable")
         if step.timeout <= timedelta(0):
             raise fail(f"timeout must be positive, got {step.timeout}")
+        if step.expected_duration is not None and step.expected_duration <= timedelta(0):
+            raise fail(f"expected_duration must be positive, got {step.expected_duration}")
         for label, policy in (
             ("retry", step.retry),
             ("compensation_retry", step.compensation_retry),
@@ -284,3 +435,28 @@ class Saga:
             raise fail("a retriable step must follow a pivot step")
         if step.kind is not StepKind.COMPENSATABLE and step.compensation is not None:
             raise fail(f"a {step.kind} step cannot have a compensation")
+
+    def _external_problem(self, step: StepDef) -> str | None:
+        if step.remote is not None and step.signal is not None:
+            return "a step is either remote or waits for a signal, not both"
+        if step.external and step.transactional:
+            return "a remote or waiting step cannot be transactional"
+        commands = [step.remote.action, step.remote.compensation] if step.remote else []
+        for command in filter(None, commands):
+            if not COMMAND_NAME.match(command):
+                return f"command {command!r}: use 'service.name' of letters, digits, '_', '-', '.'"
+        if step.signal is not None:
+            if not _NAME.match(step.signal):
+                return "an event name is letters, digits, '_', '.', '-' (max 100)"
+            if any(s.signal == step.signal for s in self._steps):
+                return f"another step already waits for event {step.signal!r}"
+        return None
+
+
+def _runs_remotely(ctx: StepContext, *output: Any) -> Any:
+    # Stands in for the function of a remote or waiting step: the executor
+    # sends a command or waits for a signal instead of calling it.
+    raise NonRetryableError(
+        f"step {ctx.step!r} runs in a participant or waits for a signal; "
+        "it cannot be called in-process"
+    )

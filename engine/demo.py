@@ -25,6 +25,7 @@ from typing import Any
 from engine import migrate
 from engine.app import SagaEngine
 from engine.queries import Queries
+from engine.scheduler import Sweeper
 from engine.settings import Settings
 
 
@@ -114,12 +115,15 @@ def run_demo(
     if options.concurrency:
         settings = replace(settings, concurrency=options.concurrency)
     worker = engine.worker(settings.concurrency).start()
+    # The sweeps too (stuck detection, overdue deadlines, lost doorbells), as in production.
+    sweeper = Sweeper(engine).start()
     out(_intro(engine, options, worker.concurrency))
     stats = DemoStats()
     try:
         _drive(engine, stop, options, stats, out)
     finally:
         out("stopping: letting the worker finish the steps in hand...")
+        sweeper.stop()
         worker.stop()
     out(progress_line(engine, stats, "done"))
     out(_outro())
@@ -195,7 +199,8 @@ def _intro(engine: SagaEngine, options: DemoOptions, concurrency: int) -> str:
     until = f"for {options.duration:g}s" if options.duration else "until Ctrl-C"
     return "\n".join(
         [
-            f"saga demo: store {url}, {queue}, one worker (concurrency {concurrency})",
+            f"saga demo: store {url}, {queue}, one worker (concurrency {concurrency}) "
+            "and the sweeper",
             f"starting book_trip and fulfil_order, about {options.rate:g} a second, {until}:",
             "most complete, some retry first, some compensate, a few are dead-lettered.",
             f"progress every {options.report_every:g}s; inspect from another terminal:",

@@ -21,12 +21,23 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from engine.decide import Recover, Run, begin_attempt, decide, record_failure, record_success
+from engine.decide import (
+    Expired,
+    Recover,
+    Run,
+    begin_attempt,
+    decide,
+    expiry_failure,
+    record_failure,
+    record_success,
+)
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
 from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition
 from engine.registry import Registry
+from engine.remote import Dispatcher
+from engine.signals import stored_signal
 from engine.states import Phase
 from engine.store import Store, dumps
 
@@ -65,6 +76,10 @@ class Executor:
         self._lock = threading.Lock()
         self.leases = Heartbeat(store, owner, lease_ms, clock)
         self._batch_failures = _FailureRate()
+        #: Set when the worker drains: each instance in hand stops after its current step.
+        self.draining = threading.Event()
+        #: Sends the commands of remote steps; the engine sets it.
+        self.dispatcher: Dispatcher | None = None
 
     def shutdown(self) -> None:
         self.leases.stop()
@@ -99,40 +114,75 @@ class Executor:
         finally:
             self.leases.drop(inst.id)
 
-    def plan(self, transition: Transition, defn: Saga) -> tuple[Transition, _Step | None]:
-        """Extend ``transition`` with the start of whatever attempt is due next."""
+    def plan(
+        self, transition: Transition, defn: Saga, begin: bool = True
+    ) -> tuple[Transition, _Step | None]:
+        """Extend ``transition`` with the start of whatever attempt is due next (if ``begin``)."""
         now = self.clock()
-        decision = decide(transition.instance, now)
-        if isinstance(decision, Recover):
-            failure = Failure(
-                "the worker running this attempt stopped before recording an outcome",
-                abandoned=True,
-            )
-            transition = transition.then(
-                record_failure(transition.instance, defn, now, failure, self._random())
-            )
-            decision = decide(transition.instance, now)
-        if isinstance(decision, Run):
+        transition = self.settle(transition, defn, now)
+        decision = decide(transition.instance, now, defn)
+        if isinstance(decision, Run) and begin:
             begun = begin_attempt(transition.instance, defn, decision, now)
             return transition.then(begun), _Step(decision, defn)
         return transition, None
 
+    def settle(self, transition: Transition, defn: Saga, now: int) -> Transition:
+        """Record the end of an attempt marked running whose worker is gone.
+
+        It timed out when its deadline has passed, else it was abandoned;
+        either way its outcome is unknown and its policy applies. The sweeps
+        call this too, so a deadline is enforced by the same rule whoever
+        finds it.
+        """
+        inst = transition.instance
+        decision = decide(inst, now, defn)
+        if isinstance(decision, Expired):  # a remote or waiting attempt: nobody abandoned it
+            failure = expiry_failure(defn, decision)
+        elif isinstance(decision, Recover):
+            failure = _gone(inst, now)
+        else:
+            return transition
+        return transition.then(record_failure(inst, defn, now, failure, self._random()))
+
     def _store(self, inst: Instance, transition: Transition, step: _Step | None) -> Instance:
         # Every change carries at least one event; none means nothing to store.
         if transition.events:
-            return self.store.save(
-                inst, transition, self.owner, owner=self.owner, release=step is None
-            )
+            # A remote attempt is stored with the lease released: its reply may be
+            # recorded by any worker, and no thread here waits for it.
+            release = step is None or step.defn.steps[step.run.index].remote is not None
+            return self.store.save(inst, transition, self.owner, owner=self.owner, release=release)
         if step is None and inst.lease_owner == self.owner:
             self.store.release(inst.id, self.owner)
+            return replace(inst, lease_owner=None, lease_expires_at=None)
         return inst
 
     def _execute(self, inst: Instance, step: _Step) -> tuple[Instance, Transition, _Step | None]:
         """Run the begun attempt; returns what is left to store and the next attempt."""
-        if step.defn.steps[step.run.index].transactional:
+        sdef = step.defn.steps[step.run.index]
+        if sdef.external:
+            return self._hand_off(inst, step)
+        if sdef.transactional:
             return self._run_transactional(inst, step)
         outcome = self._run_in_thread(inst, step)
-        return (inst, *self.plan(self._outcome(inst, step, outcome), step.defn))
+        return (inst, *self._plan_next(self._outcome(inst, step, outcome), step.defn))
+
+    def _plan_next(self, transition: Transition, defn: Saga) -> tuple[Transition, _Step | None]:
+        # A draining worker records what it ran and begins nothing more.
+        return self.plan(transition, defn, begin=not self.draining.is_set())
+
+    def _hand_off(self, inst: Instance, step: _Step) -> tuple[Instance, Transition, _Step | None]:
+        """A remote or waiting attempt was begun and stored: send its command, or take
+        its signal if one is stored already; otherwise its outcome comes later."""
+        sdef = step.defn.steps[step.run.index]
+        if sdef.signal is not None:
+            found = stored_signal(self.store, inst.id, sdef.signal)
+            if found is not None:
+                return (inst, *self._plan_next(self._outcome(inst, step, found.data), step.defn))
+        elif self.dispatcher is not None:
+            self.dispatcher.send(inst, step.run.index, step.run.phase, step.defn)
+        else:
+            log.error("saga %s: no dispatcher for remote step %r", inst.id, sdef.name)
+        return inst, Transition(inst), None
 
     def start_inline(self, transition: Transition, step: _Step) -> Instance:
         """Create a new instance and run it in this thread; returns where it stopped.
@@ -224,7 +274,7 @@ class Executor:
             inst = transition.instance
             outcome = self._attempt(inst, current, conn, contain)
             failed = failed or isinstance(outcome, Failure)
-            transition, nxt = self.plan(
+            transition, nxt = self._plan_next(
                 transition.then(self._outcome(inst, current, outcome)), step.defn
             )
             if nxt is None or not nxt.defn.steps[nxt.run.index].transactional:
@@ -340,7 +390,7 @@ class Executor:
         fresh = self.store.load(inst.id)
         if fresh.lease_owner != self.owner:
             return fresh, Transition(fresh), None
-        transition, step = self.plan(Transition(fresh), defn)
+        transition, step = self._plan_next(Transition(fresh), defn)
         return fresh, transition, step
 
     def _late_result(self, inst: Instance, step: _Step, future: Future[Any]) -> None:
@@ -404,6 +454,19 @@ class _Duplicate(Exception):
     def __init__(self, instance: Instance) -> None:
         super().__init__(instance.id)
         self.instance = instance
+
+
+def _gone(inst: Instance, now: int) -> Failure:
+    step, phase = inst.current, inst.phase
+    deadline = step.deadline_at if phase is Phase.ACTION else step.comp_deadline_at
+    if deadline is not None and now >= deadline:
+        return Failure(
+            "no outcome was recorded by its deadline (the worker running it stopped)",
+            timed_out=True,
+        )
+    return Failure(
+        "the worker running this attempt stopped before recording an outcome", abandoned=True
+    )
 
 
 def _failure(exc: BaseException, step: _Step) -> Failure:

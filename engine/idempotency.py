@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.engine import Engine as SAEngine
 
+from engine import metrics
 from engine import schema as t
 from engine.model import now_ms
 
@@ -89,6 +90,7 @@ class IdempotencyGuard:
         return conn.execute(stmt.values(row).returning(table.c.key)).first() is not None
 
     def _replay(self, conn: Connection, key: str) -> Any:
+        metrics.duplicate_absorbed(self.scope)
         table = t.idempotency_keys
         conn.execute(
             table.update().where(table.c.key == key).values(duplicates=table.c.duplicates + 1)

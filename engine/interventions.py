@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from engine.decide import advance, next_compensation, start_compensation
 from engine.definition import Saga
-from engine.errors import InvalidTransition
+from engine.errors import InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
 from engine.states import CompensationStatus, Phase, SagaState, StepStatus
 
@@ -25,6 +25,15 @@ class Action(StrEnum):
     SKIP = "skip"
     COMPENSATE = "compensate"
     CANCEL = "cancel"
+
+
+#: Audit-log names of the dead-letter operations beside the four actions above.
+EDIT_RETRY = "edit_retry"  # the payload was edited, then the step retried
+RESOLVE = "resolve"  # a dead letter was dealt with by hand; the saga ends cancelled
+#: A bulk operation's item the action was not applied to (noted, nothing changed).
+BULK_NOT_APPLIED = "bulk_not_applied"
+#: Every ``action`` the audit log may hold, for its filter.
+AUDIT_ACTIONS = (*(a.value for a in Action), EDIT_RETRY, RESOLVE, BULK_NOT_APPLIED)
 
 
 def allowed_actions(inst: Instance, defn: Saga, now: int) -> list[Action]:
@@ -132,6 +141,38 @@ def cancel(inst: Instance, defn: Saga, now: int) -> Transition:
         last_progress_at=now,
     )
     return Transition(stopped, (_event(EventKind.OPERATOR_CANCEL, inst),))
+
+
+def edit_and_retry(inst: Instance, defn: Saga, now: int, payload: object) -> Transition:
+    """Replace the payload (the input every step reads), then retry as :func:`retry_now`."""
+    if payload == inst.payload:
+        raise InvalidInput("payload", "is the same as the saga's; to run the step as it is, retry")
+    retried = retry_now(inst, defn, now)
+    (event,) = retried.events
+    marked = replace(event, detail={**(event.detail or {}), "payload_edited": True})
+    return Transition(
+        replace(retried.instance, payload=payload),
+        (marked,),
+        resolves_dead_letter=inst.state is SagaState.FAILED,
+    )
+
+
+def resolve_by_hand(inst: Instance, defn: Saga, now: int) -> Transition:
+    """Close a dead letter an operator dealt with outside the engine.
+
+    The saga ends ``cancelled``: nothing more runs and nothing is undone,
+    because the operator says the rest was handled by hand. Leaving it
+    ``failed`` would keep it in the dead-letter queue (and the failed
+    count) although nobody needs to act on it any more.
+    """
+    if inst.state is not SagaState.FAILED:
+        raise InvalidTransition(
+            inst.id, "resolve", inst.state, "only a dead-lettered saga can be resolved by hand"
+        )
+    stopped = cancel(inst, defn, now)
+    (event,) = stopped.events
+    marked = replace(event, detail={**(event.detail or {}), "resolution": "resolved by hand"})
+    return Transition(stopped.instance, (marked,), resolves_dead_letter=True)
 
 
 def _stop_in_flight(inst: Instance, now: int) -> Instance:

@@ -37,7 +37,8 @@ CONTEXT_FIELDS = ("saga_id", "correlation_id")
 _context: ContextVar[dict[str, str] | None] = ContextVar("saga_log_context", default=None)
 
 # Libraries whose INFO lines are noise for a person at a terminal.
-_QUIET = {"alembic": logging.WARNING}
+# APScheduler logs every sweep run at INFO; the sweeps say what they did themselves.
+_QUIET = {"alembic": logging.WARNING, "apscheduler": logging.WARNING}
 
 
 @contextmanager

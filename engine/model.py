@@ -32,10 +32,12 @@ class EventKind(StrEnum):
     SAGA_COMPENSATED = "saga_compensated"
     DEAD_LETTERED = "dead_lettered"
     RESULT_DISCARDED = "result_discarded"
+    SIGNAL_RECEIVED = "signal_received"
     OPERATOR_RETRY = "operator_retry"
     OPERATOR_SKIP = "operator_skip"
     OPERATOR_COMPENSATE = "operator_compensate"
     OPERATOR_CANCEL = "operator_cancel"
+    STUCK_DETECTED = "stuck_detected"  # the stuck sweep flagged it: no progress for too long
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,15 @@ showing instances live in :mod:`engine.queries`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from engine import interventions
+from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
 from engine.interventions import Action
-from engine.model import Instance
+from engine.model import Instance, Transition
 from engine.registry import Registry
-from engine.store import OperatorRecord, Store, retry_on_disconnect
+from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport import Transport, ring
 
 MAX_REASON = 2000
@@ -76,18 +78,88 @@ class Operations:
         actor: str,
         reason: str,
         expected_version: int | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Instance:
-        """Apply ``action`` if the state allows it and nobody changed the instance since."""
+        """Apply ``action`` if the state allows it and nobody changed the instance since.
+
+        ``detail`` goes in the audit record (a bulk operation names itself there).
+        """
+        record = OperatorRecord(_check_actor(actor), str(action), _check_reason(reason), detail)
+        return self._change(
+            saga_id,
+            expected_version,
+            lambda inst, defn, now: interventions.apply(action, inst, defn, now),
+            lambda inst: record,
+        )
+
+    def edit_and_retry(
+        self,
+        saga_id: str,
+        payload: Any,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+    ) -> Instance:
+        """Replace the payload every step reads, then retry the failed step now.
+
+        The audit record keeps the payload before and after the edit.
+        """
         actor, reason = _check_actor(actor), _check_reason(reason)
+        dumps(payload)  # InvalidInput, before anything is read, when it is not JSON
+        return self._change(
+            saga_id,
+            expected_version,
+            lambda inst, defn, now: interventions.edit_and_retry(inst, defn, now, payload),
+            lambda inst: OperatorRecord(
+                actor,
+                interventions.EDIT_RETRY,
+                reason,
+                {"payload_before": inst.payload, "payload_after": payload},
+            ),
+        )
+
+    def resolve(
+        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+    ) -> Instance:
+        """Close a dead letter dealt with by hand: the saga ends cancelled, nothing is undone."""
+        record = OperatorRecord(_check_actor(actor), interventions.RESOLVE, _check_reason(reason))
+        return self._change(
+            saga_id, expected_version, interventions.resolve_by_hand, lambda inst: record
+        )
+
+    def note_not_applied(
+        self, saga_id: str, *, actor: str, reason: str, detail: dict[str, Any]
+    ) -> None:
+        """Record in the audit log that an action was not applied to an instance (a bulk
+        operation's item that had changed, was refused or failed); nothing else changes."""
+        record = OperatorRecord(
+            _check_actor(actor), interventions.BULK_NOT_APPLIED, _check_reason(reason), detail
+        )
+        retry_on_disconnect(
+            lambda: self.store.append_operator_note(self.store.load(saga_id), record, self.clock())
+        )
+
+    def _change(
+        self,
+        saga_id: str,
+        expected_version: int | None,
+        rule: Callable[[Instance, Saga, int], Transition],
+        record: Callable[[Instance], OperatorRecord],
+    ) -> Instance:
         saved = retry_on_disconnect(
-            lambda: self._act_once(action, saga_id, actor, reason, expected_version)
+            lambda: self._change_once(saga_id, expected_version, rule, record)
         )
         if saved.state.is_active:
             ring(self.transport, saved.id)
         return saved
 
-    def _act_once(
-        self, action: Action, saga_id: str, actor: str, reason: str, expected_version: int | None
+    def _change_once(
+        self,
+        saga_id: str,
+        expected_version: int | None,
+        rule: Callable[[Instance, Saga, int], Transition],
+        record: Callable[[Instance], OperatorRecord],
     ) -> Instance:
         with self.store.transaction() as conn:
             inst = self.store.load(saga_id, conn)
@@ -99,11 +171,13 @@ class Operations:
                     f"it is {inst.state} at step {inst.current.name!r}",
                 )
             defn = self.registry.get(inst.saga_name, inst.saga_version)
-            transition = interventions.apply(action, inst, defn, self.clock())
-            record = OperatorRecord(actor=actor, action=str(action), reason=reason)
+            transition = rule(inst, defn, self.clock())
+            audit = record(inst)
             saved = self.store.save(
-                inst, transition, f"operator:{actor}", conn=conn, operator=record
+                inst, transition, f"operator:{audit.actor}", conn=conn, operator=audit
             )
+            if saved.payload != inst.payload:
+                self.store.set_payload(saved.id, saved.payload, conn)
         return saved
 
     def allowed(self, inst: Instance) -> list[Action]:

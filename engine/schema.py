@@ -19,6 +19,9 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Millis = sa.BigInteger
 
 ACTIVE = "state IN ('running', 'compensating')"
+#: Active or waiting for an operator: what the metrics count, never the finished bulk.
+OPEN = "state IN ('running', 'compensating', 'failed')"
+FINISHED = "state IN ('completed', 'compensated', 'cancelled')"
 
 instances = sa.Table(
     "saga_instances",
@@ -60,6 +63,29 @@ instances = sa.Table(
         "stuck_since",
         postgresql_where=sa.text("stuck_since IS NOT NULL"),
         sqlite_where=sa.text("stuck_since IS NOT NULL"),
+    ),
+    # The stuck sweep: active instances not yet flagged, by how long ago they progressed.
+    sa.Index(
+        "ix_saga_instances_progress",
+        "last_progress_at",
+        postgresql_where=sa.text(f"{ACTIVE} AND stuck_since IS NULL"),
+        sqlite_where=sa.text(f"{ACTIVE} AND stuck_since IS NULL"),
+    ),
+    # Retention: finished instances, oldest first.
+    sa.Index(
+        "ix_saga_instances_finished",
+        "updated_at",
+        postgresql_where=sa.text(FINISHED),
+        sqlite_where=sa.text(FINISHED),
+    ),
+    # The metrics' gauges: counts by saga and state, stuck included, from the index alone.
+    sa.Index(
+        "ix_saga_instances_open",
+        "saga_name",
+        "state",
+        "stuck_since",
+        postgresql_where=sa.text(OPEN),
+        sqlite_where=sa.text(OPEN),
     ),
     sa.Index("ix_saga_instances_created", "created_at", "id"),
     sa.Index("ix_saga_instances_state_created", "state", "created_at", "id"),
@@ -134,12 +160,38 @@ dead_letters = sa.Table(
     sa.Column("resolved_at", Millis, nullable=True),
     sa.Column("resolved_by", sa.String(200), nullable=True),
     sa.Column("resolution", sa.String(40), nullable=True),
+    # Set by the dead-letter sweep: how many automatic retries the instance had before
+    # this dead letter (NULL: not planned yet), and when the sweep retries it (NULL:
+    # never: the saga has no dead_letter_retry policy, or its limit is reached).
+    sa.Column("auto_retries", sa.Integer, nullable=True),
+    sa.Column("auto_retry_at", Millis, nullable=True),
     sa.Index("ix_saga_dead_letters_saga", "saga_id"),
     sa.Index(
         "ix_saga_dead_letters_open",
         "created_at",
         postgresql_where=sa.text("resolved_at IS NULL"),
         sqlite_where=sa.text("resolved_at IS NULL"),
+    ),
+    # The metrics' depth and oldest age by saga, from the index alone.
+    sa.Index(
+        "ix_saga_dead_letters_open_saga",
+        "saga_name",
+        "created_at",
+        postgresql_where=sa.text("resolved_at IS NULL"),
+        sqlite_where=sa.text("resolved_at IS NULL"),
+    ),
+    sa.Index(
+        "ix_saga_dead_letters_unplanned",
+        "saga_name",
+        "id",
+        postgresql_where=sa.text("resolved_at IS NULL AND auto_retries IS NULL"),
+        sqlite_where=sa.text("resolved_at IS NULL AND auto_retries IS NULL"),
+    ),
+    sa.Index(
+        "ix_saga_dead_letters_auto_retry",
+        "auto_retry_at",
+        postgresql_where=sa.text("resolved_at IS NULL AND auto_retry_at IS NOT NULL"),
+        sqlite_where=sa.text("resolved_at IS NULL AND auto_retry_at IS NOT NULL"),
     ),
 )
 
@@ -185,4 +237,74 @@ users = sa.Table(
     sa.Column("created_by", sa.String(150), nullable=True),
     sa.Column("last_login_at", Millis, nullable=True),
     sa.Index("uq_saga_users_name", "name", unique=True),
+)
+
+# Bulk recovery (migration 0006): an operator's action over every instance a
+# filter matched, and each instance's outcome. No foreign key to the
+# instances: the report outlives a retention purge, like the audit log.
+bulk_operations = sa.Table(
+    "saga_bulk_operations",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("action", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_by", sa.String(150), nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("selection", JsonType, nullable=False),
+    sa.Column("batch_size", sa.Integer, nullable=False),
+    sa.Column("rate_per_second", sa.Float, nullable=False),
+    sa.Column("max_failure_rate", sa.Float, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("processed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("applied", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("errors", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed_again", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("runner", sa.String(200), nullable=True),
+    sa.Column("heartbeat_at", Millis, nullable=True),
+    sa.Column("started_at", Millis, nullable=True),
+    sa.Column("finished_at", Millis, nullable=True),
+    sa.Column("stop_requested_at", Millis, nullable=True),
+    sa.Column("stop_requested_by", sa.String(150), nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Index("ix_saga_bulk_operations_created", "created_at", "id"),
+)
+
+bulk_items = sa.Table(
+    "saga_bulk_items",
+    metadata,
+    sa.Column(
+        "operation_id",
+        sa.String(36),
+        sa.ForeignKey("saga_bulk_operations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("saga_name", sa.String(100), nullable=False),
+    sa.Column("state_before", sa.String(20), nullable=False),
+    sa.Column("version_before", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("state_after", sa.String(20), nullable=True),
+    sa.Column("version_after", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("processed_at", Millis, nullable=True),
+    sa.Index("ix_saga_bulk_items_outcome", "operation_id", "outcome", "seq"),
+)
+
+signals = sa.Table(
+    "saga_signals",
+    metadata,
+    # One signal per event and instance: a wait step takes the one stored for its event.
+    sa.Column(
+        "saga_id",
+        sa.String(36),
+        sa.ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("event", sa.String(100), primary_key=True),
+    sa.Column("data", JsonType, nullable=True),
+    sa.Column("received_at", Millis, nullable=False),
+    sa.Column("sent_by", sa.String(200), nullable=False),
 )

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import InvalidInput
 
@@ -51,6 +52,23 @@ class Settings:
     log_level: str = "INFO"
     #: Bearer token the Prometheus endpoint asks for, when set.
     metrics_token: str | None = None
+    #: How often the sweeper looks for overdue deadlines, expired leases and due work
+    #: whose doorbell was lost.
+    sweep_dispatch_seconds: float = 5.0
+    #: How often the sweeper looks for instances that stopped progressing (stuck).
+    sweep_stuck_seconds: float = 30.0
+    #: How often the sweeper plans and runs automatic dead-letter retries.
+    sweep_dead_letter_seconds: float = 30.0
+    #: How often the sweeper purges finished instances past the retention period.
+    sweep_retention_seconds: float = 60.0
+    #: Rows one sweep handles per pass at most (retention: per batch, for 0.1 s a pass).
+    sweep_batch: int = 200
+    #: Due work that no worker claimed for this long gets its doorbell rung again.
+    sweep_redispatch_seconds: float = 10.0
+    #: Finished instances (completed, compensated, cancelled) last changed more than
+    #: this many days ago are purged with their steps, events and dead letters; the
+    #: audit log is kept. Unset: kept forever.
+    retention_days: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -74,7 +92,30 @@ class Settings:
             log_format=_choice(env, "SAGA_LOG_FORMAT", ("text", "json"), cls.log_format),
             log_level=(get("SAGA_LOG_LEVEL") or cls.log_level).upper(),
             metrics_token=get("SAGA_METRICS_TOKEN") or None,
+            **_sweep_settings(env),
         )
+
+
+def _sweep_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    d = Settings
+    retention = env.get("SAGA_RETENTION_DAYS")
+    return {
+        "sweep_dispatch_seconds": _number(
+            env, "SAGA_SWEEP_DISPATCH_SECONDS", d.sweep_dispatch_seconds
+        ),
+        "sweep_stuck_seconds": _number(env, "SAGA_SWEEP_STUCK_SECONDS", d.sweep_stuck_seconds),
+        "sweep_dead_letter_seconds": _number(
+            env, "SAGA_SWEEP_DEAD_LETTER_SECONDS", d.sweep_dead_letter_seconds
+        ),
+        "sweep_retention_seconds": _number(
+            env, "SAGA_SWEEP_RETENTION_SECONDS", d.sweep_retention_seconds
+        ),
+        "sweep_batch": int(_number(env, "SAGA_SWEEP_BATCH", d.sweep_batch)),
+        "sweep_redispatch_seconds": _number(
+            env, "SAGA_SWEEP_REDISPATCH_SECONDS", d.sweep_redispatch_seconds
+        ),
+        "retention_days": _number(env, "SAGA_RETENTION_DAYS", 0) if retention else None,
+    }
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:

@@ -20,16 +20,23 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import DBAPIError
 
+from engine import metrics
 from engine import schema as t
 from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
-from engine.model import Event, Instance, StepState, Transition
-from engine.states import ACTIVE_STATES, CompensationStatus, SagaState, StepStatus
+from engine.model import Event, EventKind, Instance, StepState, Transition
+from engine.states import ACTIVE_STATES, CompensationStatus, Phase, SagaState, StepStatus
 
 log = logging.getLogger(__name__)
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _STEP_FIELDS = [f.name for f in fields(StepState) if f.name != "index"]
 _INSTANCE_FIELDS = ["state", "current_step", "updated_at", "last_progress_at", "next_run_at"]
+# Literal state predicates, as the partial indexes spell them: with a bound
+# parameter, a prepared statement's generic plan could not prove that the
+# partial index applies and would scan the whole table instead.
+_ACTIVE_SQL = sa.text(f"saga_instances.{t.ACTIVE}")
+_FINISHED_SQL = sa.text(f"saga_instances.{t.FINISHED}")
+_OPEN_SQL = sa.text(f"saga_instances.{t.OPEN}")
 
 
 def _build_save_statement(with_owner: bool, release: bool) -> sa.Update:
@@ -56,6 +63,51 @@ _UPDATE_STEP = (
     )
     .values({name: sa.bindparam(name) for name in _STEP_FIELDS})
 )
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """An active instance with work due (or an expired lease) that no live worker holds."""
+
+    id: str
+    saga_name: str
+    saga_version: int
+    #: Its current attempt is marked running: the worker that began it is gone.
+    in_flight: bool
+
+
+@dataclass(frozen=True)
+class StuckCandidate:
+    """An active, unflagged instance whose last progress is older than its step allows."""
+
+    id: str
+    version: int
+    saga_name: str
+    saga_version: int
+    current_step: int
+    state: SagaState
+    correlation_id: str
+    last_progress_at: int
+
+
+@dataclass(frozen=True)
+class StuckMark:
+    """A candidate to flag stuck, with what its timeline event says."""
+
+    candidate: StuckCandidate
+    step_name: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeadLetterRef:
+    """An open dead letter as the dead-letter sweep sees it."""
+
+    id: int
+    saga_id: str
+    saga_name: str
+    created_at: int
+    auto_retries: int | None
 
 
 @dataclass(frozen=True)
@@ -101,7 +153,8 @@ class Store:
             if not self._insert_new(c, transition, actor):
                 existing = self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
                 return existing, False
-            return inst, True
+        metrics.transition_saved(None, inst, transition.events)
+        return inst, True
 
     def _insert_new(self, c: Connection, transition: Transition, actor: str) -> bool:
         """Insert instance, steps and events; False if the idempotency key is taken."""
@@ -144,12 +197,45 @@ class Store:
                 self._resolve_dead_letters(c, new.id, actor, operator, now)
             if operator is not None:
                 self._insert_operator_action(c, old, new, operator, now)
+        metrics.transition_saved(old, new, transition.events)
         lease = {"lease_owner": None, "lease_expires_at": None} if release else {}
         return _replace(new, version=old.version + 1, **lease)
 
-    def append_events(self, inst: Instance, events: Sequence[Event], actor: str, now: int) -> None:
-        """Append events without touching the instance (a late result, a note)."""
+    def set_payload(self, saga_id: str, payload: Any, conn: Connection) -> None:
+        """Replace an instance's payload, inside the transaction that saved an operator's
+        edit (:meth:`save` never writes the payload: it does not change as a saga runs)."""
+        c = t.instances.c
+        conn.execute(t.instances.update().where(c.id == saga_id).values(payload=payload))
+
+    def append_operator_note(self, inst: Instance, op: OperatorRecord, now: int) -> None:
+        """Append an audit entry that changed nothing (state and version stay as they are)."""
         with self.transaction() as c:
+            c.execute(
+                t.operator_actions.insert().values(
+                    at=now,
+                    actor=op.actor,
+                    action=op.action,
+                    saga_id=inst.id,
+                    reason=op.reason,
+                    state_before=str(inst.state),
+                    state_after=str(inst.state),
+                    version_before=inst.version,
+                    version_after=inst.version,
+                    step_name=inst.current.name,
+                    detail=op.detail,
+                )
+            )
+
+    def append_events(
+        self,
+        inst: Instance,
+        events: Sequence[Event],
+        actor: str,
+        now: int,
+        conn: Connection | None = None,
+    ) -> None:
+        """Append events without touching the instance (a late result, a note)."""
+        with self._tx(conn) as c:
             self._append_events(c, inst, events, actor, now)
 
     # -- leases -------------------------------------------------------------
@@ -220,11 +306,284 @@ class Store:
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
+    # -- sweeps -------------------------------------------------------------
+    # Each reads a bounded batch along a partial index; each write re-checks
+    # its condition, so running a sweep twice (or two at once) is harmless.
+
+    def overdue(self, now: int, due_before: int, limit: int) -> list[Overdue]:
+        """Active instances due by ``due_before`` whose lease is free or expired, oldest first.
+
+        An attempt in flight is due at its deadline, so this finds overdue
+        deadlines as well as due work whose doorbell was lost.
+        """
+        i = t.instances.c
+        free = sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now)
+        query = _overdue_select().where(_ACTIVE_SQL, i.next_run_at <= due_before, free)
+        return self._overdue(query.order_by(i.next_run_at).limit(limit))
+
+    def expired_leases(self, now: int, limit: int) -> list[Overdue]:
+        """Active instances whose lease expired: their worker died or lost the store."""
+        i = t.instances.c
+        query = _overdue_select().where(
+            i.lease_owner.is_not(None), i.lease_expires_at < now, _ACTIVE_SQL
+        )
+        return self._overdue(query.order_by(i.lease_expires_at).limit(limit))
+
+    def _overdue(self, query: sa.Select[Any]) -> list[Overdue]:
+        with self.db.connect() as c:
+            return [
+                Overdue(r.id, r.saga_name, r.saga_version, _in_flight(r)) for r in c.execute(query)
+            ]
+
+    def settle_if_free(
+        self, saga_id: str, now: int, actor: str, settle: Callable[[Instance], Transition]
+    ) -> Instance | None:
+        """In one transaction: lock the instance if it is active and no live lease holds
+        it, and store what ``settle`` makes of it, with the lease cleared.
+
+        None when a worker holds it, it finished or vanished, or ``settle`` had
+        nothing to record. The row lock (PostgreSQL; SQLite's write lock) keeps
+        a worker from claiming it meanwhile: one commit, where a claim and a save
+        would take two.
+        """
+        i = t.instances.c
+        free = sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now)
+        with self.transaction() as c:
+            found = sa.select(i.id).where(i.id == saga_id, _ACTIVE_SQL, free)
+            if c.execute(self._lock_claimable(found)).first() is None:
+                return None
+            inst = self._load(c, saga_id)
+            transition = settle(inst)
+            if not transition.events:
+                return None
+            return self.save(inst, transition, actor, release=True, conn=c)
+
+    def clear_expired_lease(self, saga_id: str, now: int) -> bool:
+        """Drop a lease that expired (whoever held it); False if it was renewed or taken."""
+        i = t.instances.c
+        with self.transaction() as c:
+            done = c.execute(
+                t.instances.update()
+                .where(i.id == saga_id, i.lease_owner.is_not(None), i.lease_expires_at < now)
+                .values(lease_owner=None, lease_expires_at=None)
+            ).rowcount
+        return bool(done)
+
+    def stuck_candidates(
+        self, now: int, rules: Sequence[tuple[int, Sequence[tuple[str, int, int]]]], limit: int
+    ) -> list[StuckCandidate]:
+        """Unflagged active instances with no progress for longer than their step allows.
+
+        ``rules`` pairs a threshold (ms) with the (saga, version, step index)
+        it applies to; instances of sagas no rule names are left alone. An
+        operator action (a person's or the sweeper's retry) starts the
+        count again: a dead letter retried after a day is not stuck at once.
+        """
+        if not rules:
+            return []
+        i, a = t.instances.c, t.operator_actions.c
+        shortest = min(ms for ms, _ in rules)
+        each = [
+            sa.and_(
+                sa.tuple_(i.saga_name, i.saga_version, i.current_step).in_(list(keys)),
+                i.last_progress_at < now - ms,
+                ~sa.exists().where(a.saga_id == i.id, a.at >= now - ms),
+            )
+            for ms, keys in rules
+        ]
+        query = (
+            sa.select(
+                i.id,
+                i.version,
+                i.saga_name,
+                i.saga_version,
+                i.current_step,
+                i.state,
+                i.correlation_id,
+                i.last_progress_at,
+            )
+            .where(_ACTIVE_SQL, i.stuck_since.is_(None), i.last_progress_at < now - shortest)
+            .where(sa.or_(*each))
+            .order_by(i.last_progress_at)
+            .limit(limit)
+        )
+        with self.db.connect() as c:
+            return [_stuck_candidate(r) for r in c.execute(query)]
+
+    def mark_stuck(self, marks: Sequence[StuckMark], now: int, actor: str) -> list[str]:
+        """Set ``stuck_since`` and append a timeline event, in one transaction.
+
+        Only instances still at the version the candidate was read at and
+        not flagged yet are marked; returns their ids. The version is not
+        bumped: a finding is not a transition, and must not make an
+        operator's or a worker's version check fail.
+        """
+        if not marks:
+            return []
+        i = t.instances.c
+        pairs = [(m.candidate.id, m.candidate.version) for m in marks]
+        with self.transaction() as c:
+            flagged = set(
+                c.execute(
+                    t.instances.update()
+                    .where(sa.tuple_(i.id, i.version).in_(pairs), i.stuck_since.is_(None))
+                    .values(stuck_since=now)
+                    .returning(i.id)
+                ).scalars()
+            )
+            rows = [_stuck_event_row(m, actor, now) for m in marks if m.candidate.id in flagged]
+            if rows:
+                c.execute(t.events.insert(), rows)
+        return [m.candidate.id for m in marks if m.candidate.id in flagged]
+
+    def acted_since(self, saga_id: str, actor: str, since: int) -> bool:
+        """Whether ``actor`` has an audit-log entry on the instance at or after ``since``."""
+        a = t.operator_actions.c
+        query = sa.select(a.id).where(a.saga_id == saga_id, a.actor == actor, a.at >= since)
+        with self.db.connect() as c:
+            return c.execute(query.limit(1)).first() is not None
+
+    def unplanned_dead_letters(self, sagas: Collection[str], limit: int) -> list[DeadLetterRef]:
+        """Open dead letters of ``sagas`` that the dead-letter sweep has not planned yet."""
+        d = t.dead_letters.c
+        found: list[DeadLetterRef] = []
+        # One saga type at a time, in no order: each reads the partial index of the
+        # few unplanned ones. With ORDER BY id, PostgreSQL walked the primary key
+        # instead, through every open dead letter.
+        for name in sorted(sagas):
+            query = (
+                _dead_letter_select()
+                .where(sa.text("saga_dead_letters.resolved_at IS NULL"), d.auto_retries.is_(None))
+                .where(d.saga_name == name)
+                .limit(limit - len(found))
+            )
+            found += self._dead_letters(query)
+            if len(found) >= limit:
+                break
+        return found
+
+    def automatic_retries(self, saga_ids: Collection[str], resolved_by: str) -> dict[str, int]:
+        """Per instance, how many of its dead letters ``resolved_by`` closed with a retry."""
+        if not saga_ids:
+            return {}
+        d = t.dead_letters.c
+        query = (
+            sa.select(d.saga_id, sa.func.count())
+            .where(d.saga_id.in_(list(saga_ids)), d.resolved_by == resolved_by)
+            .where(d.resolution == "retry")
+            .group_by(d.saga_id)
+        )
+        with self.db.connect() as c:
+            return {str(saga_id): int(n) for saga_id, n in c.execute(query)}
+
+    def plan_dead_letters(self, plans: Sequence[tuple[int, int, int | None]]) -> None:
+        """Record (dead letter id, automatic retries so far, retry at or None) for each."""
+        if not plans:
+            return
+        d = t.dead_letters.c
+        statement = (
+            t.dead_letters.update()
+            .where(d.id == sa.bindparam("b_id"), d.resolved_at.is_(None), d.auto_retries.is_(None))
+            .values(auto_retries=sa.bindparam("n"), auto_retry_at=sa.bindparam("at"))
+        )
+        with self.transaction() as c:
+            c.execute(statement, [{"b_id": i, "n": n, "at": at} for i, n, at in plans])
+
+    def due_dead_letters(self, now: int, limit: int) -> list[DeadLetterRef]:
+        """Open dead letters whose automatic retry is due, the longest waiting first."""
+        d = t.dead_letters.c
+        query = (
+            _dead_letter_select()
+            .where(sa.text("saga_dead_letters.resolved_at IS NULL"), d.auto_retry_at.is_not(None))
+            .where(d.auto_retry_at <= now)
+            .order_by(d.auto_retry_at)
+            .limit(limit)
+        )
+        return self._dead_letters(query)
+
+    def _dead_letters(self, query: sa.Select[Any]) -> list[DeadLetterRef]:
+        with self.db.connect() as c:
+            return [
+                DeadLetterRef(r.id, r.saga_id, r.saga_name, r.created_at, r.auto_retries)
+                for r in c.execute(query)
+            ]
+
+    def drop_auto_retry(self, dead_letter_id: int) -> None:
+        """Give up the automatic retry of one dead letter: it waits for a person."""
+        d = t.dead_letters.c
+        with self.transaction() as c:
+            c.execute(
+                t.dead_letters.update().where(d.id == dead_letter_id).values(auto_retry_at=None)
+            )
+
+    def purge_finished(self, before: int, limit: int) -> int:
+        """Delete up to ``limit`` finished instances last updated before ``before``, oldest
+        first, with their steps, events and dead letters; the audit log stays. Returns how
+        many went."""
+        i = t.instances.c
+        with self.transaction() as c:
+            pick = (
+                sa.select(i.id)
+                .where(_FINISHED_SQL, i.updated_at < before)
+                .order_by(i.updated_at)
+                .limit(limit)
+            )
+            ids = list(c.execute(self._lock_claimable(pick)).scalars())
+            if not ids:
+                return 0
+            for table in (t.events, t.dead_letters, t.steps):
+                c.execute(table.delete().where(table.c.saga_id.in_(ids)))
+            c.execute(t.instances.delete().where(i.id.in_(ids), _FINISHED_SQL))
+        return len(ids)
+
+    def live_counts(self) -> metrics.LiveCounts:
+        """The metrics' gauges: open instances by saga and state (stuck among them), and
+        open dead letters by saga with the oldest; read from partial indexes only."""
+        i, d = t.instances.c, t.dead_letters.c
+        by_state = (
+            sa.select(i.saga_name, i.state, sa.func.count(), sa.func.count(i.stuck_since))
+            .where(_OPEN_SQL)
+            .group_by(i.saga_name, i.state)
+        )
+        open_letters = (
+            sa.select(d.saga_name, sa.func.count(), sa.func.min(d.created_at))
+            .where(sa.text("saga_dead_letters.resolved_at IS NULL"))
+            .group_by(d.saga_name)
+        )
+        instances: dict[tuple[str, str], int] = {}
+        stuck: dict[str, int] = {}
+        with self.db.connect() as c:
+            for name, state, n, flagged in c.execute(by_state):
+                instances[name, state] = int(n)
+                stuck[name] = stuck.get(name, 0) + int(flagged)
+            letters = {name: (int(n), int(oldest)) for name, n, oldest in c.execute(open_letters)}
+        return metrics.LiveCounts(instances, stuck, letters)
+
     # -- reads --------------------------------------------------------------
 
     def load(self, saga_id: str, conn: Connection | None = None) -> Instance:
         with self._tx(conn) as c:
             return self._load(c, saga_id)
+
+    def load_many(
+        self, saga_ids: Collection[str], conn: Connection | None = None
+    ) -> dict[str, Instance]:
+        """The instances with these ids, by id, in two queries; missing ids are left out."""
+        ids = list(saga_ids)
+        if not ids:
+            return {}
+        with self._tx(conn) as c:
+            rows = c.execute(sa.select(t.instances).where(t.instances.c.id.in_(ids))).mappings()
+            found = {row["id"]: row for row in rows}
+            step_rows: dict[str, list[Any]] = {saga_id: [] for saga_id in found}
+            query = (
+                sa.select(t.steps)
+                .where(t.steps.c.saga_id.in_(list(found)))
+                .order_by(t.steps.c.saga_id, t.steps.c.step_index)
+            )
+            for step in c.execute(query).mappings():
+                step_rows[step["saga_id"]].append(step)
+        return {i: _instance_from_rows(row, step_rows[i]) for i, row in found.items()}
 
     def _load(self, c: Connection, saga_id: str) -> Instance:
         row = (
@@ -430,6 +789,56 @@ _PG_INSERT_NEW = sa.text(
     f"e AS ({_populate(t.events, 'events', skip=('id',))}) "
     "SELECT id FROM i"
 )
+
+
+def _overdue_select() -> sa.Select[Any]:
+    i, s = t.instances.c, t.steps.c
+    return sa.select(i.id, i.saga_name, i.saga_version, i.state, s.status, s.comp_status).join(
+        t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step)
+    )
+
+
+def _in_flight(row: Any) -> bool:
+    if row.state == SagaState.COMPENSATING:
+        return bool(row.comp_status == CompensationStatus.RUNNING)
+    return bool(row.status == StepStatus.RUNNING)
+
+
+def _stuck_candidate(row: Any) -> StuckCandidate:
+    return StuckCandidate(
+        id=row.id,
+        version=row.version,
+        saga_name=row.saga_name,
+        saga_version=row.saga_version,
+        current_step=row.current_step,
+        state=SagaState(row.state),
+        correlation_id=row.correlation_id,
+        last_progress_at=row.last_progress_at,
+    )
+
+
+def _stuck_event_row(mark: StuckMark, actor: str, now: int) -> dict[str, Any]:
+    found = mark.candidate
+    phase = Phase.COMPENSATE if found.state is SagaState.COMPENSATING else Phase.ACTION
+    return {
+        "saga_id": found.id,
+        "correlation_id": found.correlation_id,
+        "at": now,
+        "kind": str(EventKind.STUCK_DETECTED),
+        "step_index": found.current_step,
+        "step_name": mark.step_name,
+        "phase": str(phase),
+        "attempt": None,
+        "actor": actor,
+        "error": None,
+        "traceback": None,
+        "detail": mark.detail,
+    }
+
+
+def _dead_letter_select() -> sa.Select[Any]:
+    d = t.dead_letters.c
+    return sa.select(d.id, d.saga_id, d.saga_name, d.created_at, d.auto_retries)
 
 
 def _json(value: Any) -> str:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from engine import metrics
 from engine.errors import SagaNotFound, TransportError
 from engine.recovery import recover
+from engine.remote import ReplyListener
 from engine.transport import Delivery
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ class Worker:
     def stop(self, timeout: float = 30.0) -> bool:
         """Drain and stop; True when every instance in hand was finished in time."""
         self._stopping.set()
+        # Each instance in hand stops after its current step, recorded.
+        self.engine.executor.draining.set()
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()
@@ -66,7 +70,10 @@ class Worker:
             self.concurrency,
             settings.poll_seconds,
         )
+        if not self._stopping.is_set():
+            self.engine.executor.draining.clear()  # a worker started again runs whole sagas
         self._recover()
+        replies = self._listen()
         next_poll = 0.0
         while not self._stopping.is_set():
             free = self._free_slots()
@@ -77,7 +84,7 @@ class Worker:
             try:
                 for delivery in self._receive(free, wait):
                     self._claim_and_submit(delivery)
-                if time.monotonic() >= next_poll:
+                if time.monotonic() >= next_poll and not self._stopping.is_set():
                     self._poll_due()
                     next_poll = time.monotonic() + settings.poll_seconds
             except SQLAlchemyError as exc:
@@ -91,6 +98,8 @@ class Worker:
                     exc,
                 )
                 self._stopping.wait(settings.poll_seconds)
+        if replies is not None:
+            replies.stop()  # the reply in hand is recorded first
         self._drain()
 
     def _poll_due(self) -> None:
@@ -124,6 +133,8 @@ class Worker:
 
     def _claim_and_submit(self, delivery: Delivery) -> None:
         eng, saga_id = self.engine, delivery.saga_id
+        if self._stopping.is_set():
+            return  # draining: no new work; unacknowledged, it goes to another worker
         if eng.store.claim(saga_id, eng.owner, eng.lease_ms, eng.clock()) is not None:
             self._submit(saga_id, delivery)
         else:  # finished, unknown, or leased (by us or another worker): nothing to do
@@ -150,6 +161,7 @@ class Worker:
         except Exception:
             # The lease expires and another pass retries; nothing was half-stored
             # because every store write is one transaction.
+            metrics.WORKER_ERRORS.inc()
             log.exception("saga %s: advancing failed; it will be picked up again", saga_id)
         finally:
             self._slots.release()
@@ -164,6 +176,12 @@ class Worker:
         for _ in range(taken):
             self._slots.release()
         return taken
+
+    def _listen(self) -> ReplyListener | None:
+        """Read participants' replies in a thread, when some saga has remote steps."""
+        if not any(step.remote for saga in self.engine.registry for step in saga.steps):
+            return None
+        return ReplyListener(self.engine).start()
 
     def _drain(self) -> None:
         log.info("worker %s draining", self.engine.owner)

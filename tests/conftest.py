@@ -93,7 +93,9 @@ def redis_url(worker_id: str) -> str:
     import redis
 
     index = int(worker_id[2:]) if worker_id.startswith("gw") else 0
-    url = REDIS_URL.rsplit("/", 1)[0] + f"/{15 - index}"
+    # SAGA_TEST_REDIS_URL's database number is the first xdist worker's; the next count down.
+    base, _, first = REDIS_URL.rpartition("/")
+    url = f"{base}/{int(first or 15) - index}"
     client = redis.Redis.from_url(url)
     try:
         client.ping()

@@ -562,3 +562,148 @@ def test_any_sequence_of_outcomes_keeps_the_semantics(
 
 def test_fast_policy_used_by_the_helpers_is_valid() -> None:
     assert FAST.problem() is None
+
+
+# -- remote and waiting steps: outcomes from outside the worker -------------------
+
+
+def _external_saga() -> Driver:
+    """hotel (remote, compensatable), approval (waits for a signal), car (remote)."""
+    from engine.definition import Saga
+
+    saga = Saga("ext", default_retry=FAST, default_compensation_retry=FAST)
+    saga.remote_step("hotel", "hotel.reserve", compensation="hotel.cancel")
+    saga.wait_for("approval", timeout=timedelta(seconds=60))
+    saga.remote_step("car", "car.rent", compensation="car.return")
+    saga.validate()
+    return Driver(saga, new_instance(saga))
+
+
+def test_an_external_attempt_in_flight_is_awaited_until_its_deadline() -> None:
+    d = _external_saga()
+    d.begin()
+    deadline = d.inst.steps[0].deadline_at
+    assert deadline is not None and d.inst.next_run_at == deadline
+    assert decide(d.inst, deadline - 1, d.defn) == Wait(deadline)
+    # Without the definition the core cannot tell it from an attempt a worker abandoned.
+    assert isinstance(decide(d.inst, deadline - 1), Recover)
+
+
+def test_an_external_attempt_past_its_deadline_expires_as_timed_out() -> None:
+    from engine.decide import Expired, expiry_failure
+
+    d = _external_saga()
+    d.begin()
+    deadline = d.inst.steps[0].deadline_at
+    assert deadline is not None
+    expired = decide(d.inst, deadline, d.defn)
+    assert expired == Expired(0, Phase.ACTION)
+    assert isinstance(expired, Expired)
+    failure = expiry_failure(d.defn, expired)
+    assert failure.timed_out and "hotel.reserve" in failure.message
+    d.now = deadline
+    d.failure(failure)
+    assert d.inst.steps[0].status is S.PENDING  # retried per policy
+    assert d.transitions[-1].events[0].kind is EventKind.ATTEMPT_TIMED_OUT
+
+
+def test_a_wait_that_expires_compensates_by_default() -> None:
+    from engine.decide import Expired, expiry_failure
+
+    d = _external_saga()
+    d.step()  # hotel succeeds
+    d.begin()  # the wait begins
+    deadline = d.inst.steps[1].deadline_at
+    assert deadline is not None
+    expired = decide(d.inst, deadline, d.defn)
+    assert isinstance(expired, Expired)
+    assert "'approval' signal" in expiry_failure(d.defn, expired).message
+    d.now = deadline
+    d.failure(expiry_failure(d.defn, expired))  # no second wait: NO_RETRY
+    assert d.inst.state is SagaState.COMPENSATING
+    assert d.inst.steps[1].status is S.TIMED_OUT
+    assert d.inst.cursor == 0  # the wait has nothing to undo: hotel is next
+
+
+def test_the_start_of_an_external_attempt_names_its_command_or_event() -> None:
+    d = _external_saga()
+    d.begin()
+    assert d.transitions[-1].events[0].detail == {
+        "deadline_at": d.inst.steps[0].deadline_at,
+        "command": "hotel.reserve",
+    }
+    d.succeed()
+    d.begin()
+    detail = d.transitions[-1].events[0].detail
+    assert detail is not None and detail["event"] == "approval"
+
+
+def test_a_reply_is_taken_only_by_the_attempt_in_flight_before_its_deadline() -> None:
+    from engine.decide import reply_problem
+
+    d = _external_saga()
+    run = d.begin()
+    deadline = d.inst.steps[0].deadline_at
+    assert deadline is not None
+    assert reply_problem(d.inst, 0, Phase.ACTION, run.attempt, d.now) is None
+    late = reply_problem(d.inst, 0, Phase.ACTION, run.attempt, deadline)
+    assert late is not None and "deadline" in late
+    wrong_phase = reply_problem(d.inst, 0, Phase.COMPENSATE, run.attempt, d.now)
+    assert wrong_phase is not None and "moved on" in wrong_phase
+    assert reply_problem(d.inst, 7, Phase.ACTION, 1, d.now) == "the saga has no step 7"
+
+    d.failure(TIMEOUT)  # attempt 1 timed out; attempt 2 begins
+    again = d.begin()
+    old = reply_problem(d.inst, 0, Phase.ACTION, run.attempt, d.now)
+    assert old is not None and "superseded" in old
+    assert reply_problem(d.inst, 0, Phase.ACTION, again.attempt, d.now) is None
+    d.succeed()
+    repeated = reply_problem(d.inst, 0, Phase.ACTION, again.attempt, d.now)
+    assert repeated is not None and "moved on" in repeated
+
+
+def test_a_reply_for_a_finished_or_stopped_attempt_is_refused() -> None:
+    from engine.decide import reply_problem
+
+    d = _external_saga()
+    run = d.begin()
+    stopped = at(d.inst, 0, status=S.TIMED_OUT)
+    ended = reply_problem(stopped, 0, Phase.ACTION, run.attempt, d.now)
+    assert ended is not None and "already ended" in ended
+    final = replace(d.inst, state=SagaState.CANCELLED)
+    assert reply_problem(final, 0, Phase.ACTION, run.attempt, d.now) == (
+        "attempt 1 of 'hotel' (action): the saga is already cancelled"
+    )
+
+
+def test_a_signal_is_taken_now_or_kept_for_a_wait_still_to_come() -> None:
+    from engine.decide import signal_problem, waiting_now
+
+    d = _external_saga()
+    assert signal_problem(d.inst, 1, d.now) is None  # early: kept for the step
+    assert not waiting_now(d.inst, 1)
+    d.step()
+    d.begin()
+    assert signal_problem(d.inst, 1, d.now) is None
+    assert waiting_now(d.inst, 1)
+    deadline = d.inst.steps[1].deadline_at
+    assert deadline is not None
+    past = signal_problem(d.inst, 1, deadline)
+    assert past is not None and "deadline" in past
+    d.succeed({"approved": True})
+    taken = signal_problem(d.inst, 1, d.now)
+    assert taken is not None and "already ended" in taken
+    assert d.inst.steps[1].output == {"approved": True}
+
+
+def test_a_signal_is_refused_once_the_saga_compensates_or_ends() -> None:
+    from engine.decide import signal_problem
+
+    d = _external_saga()
+    d.step(fail(retryable=False))  # hotel fails for good: compensation
+    assert d.inst.state is SagaState.COMPENSATING
+    assert signal_problem(d.inst, 1, d.now) == (
+        "the saga is compensating: it waits for no more events"
+    )
+    done = replace(d.inst, state=SagaState.COMPENSATED)
+    assert signal_problem(done, 1, d.now) == "the saga is compensated"

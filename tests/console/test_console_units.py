@@ -8,7 +8,7 @@ from console.formatting import duration, pretty_json, timestamp
 from console.params import parse_audit, parse_list
 from console.ratelimit import LoginThrottle
 from console.timeline import build_steps
-from engine import InvalidInput, SagaState
+from engine import InvalidInput, SagaState, StepStatus
 from engine.model import Instance, StepState
 from engine.queries import EventRecord
 
@@ -38,14 +38,18 @@ def _event(
     )
 
 
-def _instance() -> Instance:
+def _instance(state: SagaState = SagaState.RUNNING) -> Instance:
+    # Step a succeeded on its second attempt; step b's first attempt is in flight.
     return Instance(
         id="s",
         saga_name="x",
         saga_version=1,
-        state=SagaState.RUNNING,
-        cursor=0,
-        steps=(StepState(0, "a"), StepState(1, "b")),
+        state=state,
+        cursor=1,
+        steps=(
+            StepState(0, "a", status=StepStatus.SUCCEEDED, attempts=2),
+            StepState(1, "b", status=StepStatus.RUNNING, attempts=1),
+        ),
         payload=None,
         correlation_id="c",
     )
@@ -75,6 +79,14 @@ class TestAttempts:
         assert running.outcome == "running" and running.duration_ms is None
         assert steps[0].action_duplicates == 3 and steps[0].compensate_duplicates == 0
         assert (steps[0].action_key, steps[1].compensate_key) == ("s:a:action", "s:b:compensate")
+
+    def test_an_attempt_cut_short_by_an_operator_is_not_shown_running(self) -> None:
+        stopped = _instance(SagaState.CANCELLED)
+        step_b = StepState(1, "b", status=StepStatus.TIMED_OUT, attempts=1)
+        stopped = stopped.with_step(step_b)
+        events = [_event("attempt_started", 50, step=1)]
+        [cut] = build_steps(stopped, events, {}, None)[1].attempts
+        assert cut.outcome == "interrupted"
 
     def test_separates_action_and_compensation_attempts(self) -> None:
         events = [

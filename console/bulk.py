@@ -1,0 +1,326 @@
+"""Bulk recovery pages: choose instances by filter, see a dry run, confirm, watch, stop.
+
+The engine does the work (:mod:`engine.bulk`); these views parse input and
+render. Running happens in a background thread of this console process,
+with all state in the store: the report page shows progress from the
+store (htmx polls its partial while the operation runs), a stop from any
+console process raises the flag the runner checks between items, and an
+operation whose process died shows as interrupted, with a Resume button.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+
+from console import describe, services
+from console.auth import require_role
+from console.errors import error_page
+from console.params import parse_list
+from engine.bulk import (
+    MAX_BATCH,
+    MAX_BULK_REASON,
+    MAX_ITEMS,
+    MAX_RATE,
+    MIN_RATE,
+    MIN_SAMPLE,
+    BulkFilter,
+    BulkNotFound,
+    BulkRecovery,
+    DryRun,
+    ItemOutcome,
+    SelectionChanged,
+)
+from engine.errors import InvalidInput, InvalidTransition
+from engine.interventions import Action
+from engine.model import now_ms
+from engine.states import SagaState
+from engine.users import Role
+
+bp = Blueprint("bulk", __name__)
+
+ITEMS_PAGE = 100
+#: The filter and run settings a form carries; links and hidden fields repeat them.
+FIELDS = (
+    "action",
+    "saga",
+    "state",
+    "step",
+    "error",
+    "from",
+    "to",
+    "time_field",
+    "batch_size",
+    "rate",
+    "max_failure",
+)
+DEFAULTS = {"batch_size": "50", "rate": "5", "max_failure": "20", "time_field": "created"}
+_THREADS = "saga_bulk_threads"
+
+
+@dataclass(frozen=True)
+class BulkRequest:
+    """A bulk action as the form describes it."""
+
+    action: Action
+    selection: BulkFilter
+    batch_size: int
+    rate: float
+    max_failure_pct: float
+    args: dict[str, str]  # the raw fields, to repeat in links and hidden inputs
+
+
+def init_app(app: Flask) -> None:
+    """Keep the runner threads this process starts (tests join them); map bulk errors."""
+    app.extensions[_THREADS] = []
+    app.register_error_handler(BulkNotFound, _not_found)
+    app.register_error_handler(SelectionChanged, _selection_changed)
+
+
+def _not_found(exc: BulkNotFound) -> ResponseReturnValue:
+    return error_page(404, f"No bulk operation has the id {exc.operation_id!r}.")
+
+
+def _selection_changed(exc: SelectionChanged) -> ResponseReturnValue:
+    return error_page(
+        409,
+        f"Nothing was started: {exc.why}. Go back to the dry run, check the instances "
+        "again, and confirm.",
+        "The matching instances changed",
+    )
+
+
+def runner_threads(app: Flask) -> list[threading.Thread]:
+    """The bulk runner threads this console process started."""
+    found: list[threading.Thread] = app.extensions[_THREADS]
+    return found
+
+
+@bp.get("/bulk")
+def operations() -> ResponseReturnValue:
+    """Recent bulk operations, newest first."""
+    before = request.args.get("before", "").strip() or None
+    recovery = _recovery()
+    ops = recovery.store.recent(limit=51, before=before)
+    return render_template(
+        "bulk_list.html",
+        ops=ops[:50],
+        next_before=ops[49].id if len(ops) > 50 else None,
+        now=now_ms(),
+    )
+
+
+@bp.get("/bulk/new")
+@require_role(Role.OPERATOR)
+def new() -> ResponseReturnValue:
+    """The filter form; with ``dry_run=1``, the dry run and the confirmation below it."""
+    raw = _fields(request.args)
+    dry: DryRun | None = None
+    problem: str | None = None
+    if request.args.get("dry_run"):
+        try:
+            wanted = parse_request(request.args)
+        except InvalidInput as exc:
+            problem = str(exc)
+        else:
+            dry = _recovery().dry_run(wanted.action, wanted.selection)
+    status = 400 if problem else 200
+    return render_template("bulk_new.html", **_form_context(raw, dry, problem)), status
+
+
+@bp.post("/bulk")
+@require_role(Role.OPERATOR)
+def start() -> ResponseReturnValue:
+    """Create the operation (refused unless the count is the one confirmed) and run it."""
+    wanted = parse_request(request.form)
+    reason = request.form.get("reason", "").strip()
+    expected = _int(request.form, "expected_count", 0, MAX_ITEMS)
+    if not reason:
+        raw = _fields(request.form)
+        dry = _recovery().dry_run(wanted.action, wanted.selection)
+        context = _form_context(raw, dry, "Say why you are doing this; it goes in the audit log.")
+        return render_template("bulk_new.html", **context), 400
+    recovery = _recovery()
+    op = recovery.create(
+        wanted.action,
+        wanted.selection,
+        actor=current_user.name,
+        reason=reason,
+        expected_count=expected,
+        batch_size=wanted.batch_size,
+        rate_per_second=wanted.rate,
+        max_failure_rate=wanted.max_failure_pct / 100,
+    )
+    runner_threads(current_app).append(recovery.spawn(op.id))
+    current_app.logger.info(
+        "user %s started bulk %s: %s on %d instances", current_user.name, op.id, op.action, op.total
+    )
+    flash(f"Bulk {describe.LABELS[op.action].lower()} started on {op.total} instance(s).")
+    return redirect(url_for("bulk.report", operation_id=op.id))
+
+
+@bp.get("/bulk/<operation_id>")
+def report(operation_id: str) -> ResponseReturnValue:
+    """The report: settings, live progress, and every item's outcome (paged)."""
+    recovery = _recovery()
+    op = recovery.get(operation_id)
+    now = now_ms()
+    if request.headers.get("HX-Request") == "true":
+        return render_template("_bulk_progress.html", op=op, now=now)
+    outcome = _outcome(request.args.get("outcome", ""))
+    after = _int(request.args, "after", 0, 10**9)
+    page = recovery.store.items(operation_id, outcome=outcome, after=after, limit=ITEMS_PAGE)
+    return render_template(
+        "bulk_report.html",
+        op=op,
+        now=now,
+        page=page,
+        outcome=outcome,
+        after=after,
+        outcomes=list(ItemOutcome),
+        labels=describe.LABELS,
+    )
+
+
+@bp.post("/bulk/<operation_id>/stop")
+@require_role(Role.OPERATOR)
+def stop(operation_id: str) -> ResponseReturnValue:
+    """Raise the stop flag; the runner (in whichever process) stops before its next item."""
+    op = _recovery().stop(operation_id, current_user.name)
+    current_app.logger.info("user %s stopped bulk %s", current_user.name, operation_id)
+    if op.is_running:
+        flash("Stop requested: the operation stops before its next instance.")
+    else:
+        flash("Stopped: nobody was running it, so it ended at once.")
+    return redirect(url_for("bulk.report", operation_id=operation_id))
+
+
+@bp.post("/bulk/<operation_id>/resume")
+@require_role(Role.OPERATOR)
+def resume(operation_id: str) -> ResponseReturnValue:
+    """Run an interrupted operation again, in this console process."""
+    recovery = _recovery()
+    op = recovery.get(operation_id)
+    if not op.interrupted(now_ms()):
+        raise InvalidTransition(
+            operation_id,
+            "resume bulk operation",
+            str(op.status),
+            "only an interrupted operation can be resumed; a live one is still running",
+        )
+    runner_threads(current_app).append(recovery.spawn(operation_id))
+    current_app.logger.info("user %s resumed bulk %s", current_user.name, operation_id)
+    flash("Resumed in this console process: it goes on from the next pending instance.")
+    return redirect(url_for("bulk.report", operation_id=operation_id))
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def parse_request(form: Mapping[str, str]) -> BulkRequest:
+    """The action, the filter and the run settings; InvalidInput (400) when malformed."""
+    raw = _fields(form)
+    action = _action(raw.get("action", ""))
+    listed = parse_list({k: raw[k] for k in ("state", "saga", "from", "to") if raw.get(k)}).filter
+    selection = BulkFilter(
+        saga_name=listed.saga_name,
+        state=listed.state,
+        stuck=listed.stuck,
+        step_name=_text(raw, "step", 100),
+        error_text=_text(raw, "error", 200),
+        time_field=raw.get("time_field") or "created",
+        time_from=listed.created_from,
+        time_to=listed.created_to,
+    )
+    return BulkRequest(
+        action=action,
+        selection=selection,
+        batch_size=_int(raw, "batch_size", 1, MAX_BATCH),
+        rate=_float(raw, "rate", MIN_RATE, MAX_RATE),
+        max_failure_pct=_float(raw, "max_failure", 0, 100),
+        args=raw,
+    )
+
+
+def _fields(form: Mapping[str, str]) -> dict[str, str]:
+    found = {k: form.get(k, "").strip() for k in FIELDS}
+    for key, value in DEFAULTS.items():
+        found[key] = found[key] or value
+    return {k: v for k, v in found.items() if v}
+
+
+def _action(raw: str) -> Action:
+    try:
+        return Action(raw)
+    except ValueError:
+        raise InvalidInput(
+            "action", f"{raw!r} is not one of {', '.join(a.value for a in Action)}"
+        ) from None
+
+
+def _outcome(raw: str) -> ItemOutcome | None:
+    if not raw:
+        return None
+    try:
+        return ItemOutcome(raw)
+    except ValueError:
+        raise InvalidInput("outcome", f"{raw!r} is not an item outcome") from None
+
+
+def _text(form: Mapping[str, str], name: str, limit: int) -> str | None:
+    raw = form.get(name, "").strip()
+    if len(raw) > limit:
+        raise InvalidInput(name, f"is {len(raw)} characters; the limit is {limit}")
+    return raw or None
+
+
+def _int(form: Mapping[str, str], name: str, low: int, high: int) -> int:
+    raw = form.get(name, "").strip() or str(low)
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidInput(name, f"{raw!r} is not a whole number from {low} to {high:,}")
+    return int(raw)
+
+
+def _float(form: Mapping[str, str], name: str, low: float, high: float) -> float:
+    raw = form.get(name, "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(name, f"{raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise InvalidInput(name, f"must be from {low:g} to {high:g}, not {raw}")
+    return value
+
+
+def _form_context(raw: dict[str, str], dry: DryRun | None, problem: str | None) -> dict[str, Any]:
+    return {
+        "args": raw,
+        "dry": dry,
+        "problem": problem,
+        "actions": list(Action),
+        "labels": describe.LABELS,
+        "states": [*SagaState, "stuck"],
+        "saga_names": services.get().engine.registry.names(),
+        "max_items": MAX_ITEMS,
+        "max_reason": MAX_BULK_REASON,
+        "min_sample": MIN_SAMPLE,
+    }
+
+
+def _recovery() -> BulkRecovery:
+    return BulkRecovery(services.get().engine)

@@ -1,0 +1,395 @@
+"""The command bus: streams that carry commands to participants and replies back.
+
+Two implementations behind one small interface, like the doorbell
+transports: :class:`RedisBus` (Redis Streams with consumer groups, for
+participants in other processes and hosts) and :class:`InProcessBus` (queues
+shared by the threads of one process, the embedded default).
+
+Key layout on Redis (``prefix`` is ``SAGA_REDIS_PREFIX``)::
+
+    <prefix>:commands:<service>  stream; commands for one participant service;
+                                 consumer group ``participants``
+    <prefix>:replies             stream; participants' replies;
+                                 consumer group ``workers``
+    <prefix>:poison              malformed entries (shared with the doorbells)
+
+Entries are read with XREADGROUP and acknowledged (XACK) by the reader once
+handled, so a reader that dies leaves them pending; live readers of the same
+group take them over with XAUTOCLAIM after ``claim_idle_seconds``. What an
+entry means is :mod:`engine.remote`'s business; this module moves fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from engine.errors import InvalidInput, TransportError
+from engine.model import now_ms
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Consumer group of the participants on each command stream.
+PARTICIPANTS = "participants"
+#: Consumer group of the workers on the reply stream.
+WORKERS = "workers"
+
+RAW_PREFIX = b"raw:"
+_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,100}")
+_SOCKET_TIMEOUT = 10.0
+_CONNECT_TIMEOUT = 2.0
+_MAX_BLOCK_SECONDS = 2.0
+_POISON_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry read from a stream: where it came from, its id, and its raw fields."""
+
+    stream: str
+    id: str
+    fields: Mapping[bytes, bytes]
+
+
+class CommandBus(Protocol):
+    """Streams of commands and replies, read through consumer groups."""
+
+    #: True for the in-process bus: its readers must run in this process.
+    in_process: bool
+    #: How many times a reader had to create a consumer group: the first use, or
+    #: Redis lost its data (a flush, a restart without persistence).
+    groups_created: int
+
+    def commands_stream(self, service: str) -> str:
+        """The stream that carries commands for ``service``."""
+
+    @property
+    def replies_stream(self) -> str:
+        """The stream that carries replies to the workers."""
+
+    def send(self, stream: str, fields: Mapping[str, str]) -> None:
+        """Append one entry; raises :class:`~engine.errors.TransportError`."""
+
+    def send_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+        """Append several (stream, fields) entries at once, in one round trip where it can."""
+
+    def read(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, timeout: float
+    ) -> list[Entry]:
+        """Up to ``count`` entries for ``consumer`` of ``group``, waiting up to ``timeout`` s."""
+
+    def ack(self, group: str, entries: Sequence[Entry]) -> None:
+        """Mark ``entries`` handled, so they are not delivered again."""
+
+    def poison(self, group: str, entry: Entry, reason: str) -> None:
+        """Set a malformed entry aside with ``reason``, and acknowledge it."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def read_wait(bus: CommandBus) -> float:
+    """How long a reader waits for entries before it looks whether it should stop.
+
+    Short, so that a stopping worker or participant drains promptly; an idle
+    Redis reader then costs a few blocking reads a second.
+    """
+    return 0.1 if bus.in_process else 0.5
+
+
+def bus_from_settings(settings: Settings) -> CommandBus:
+    """Redis when ``SAGA_REDIS_URL`` is set, else the in-process bus."""
+    if settings.redis_url:
+        return RedisBus.from_settings(settings)
+    return InProcessBus()
+
+
+class InProcessBus:
+    """Queues shared by the threads of one process; nothing survives the process.
+
+    There is no redelivery: an entry leaves its queue when read. A lost entry
+    costs what it costs on Redis after a flush: the attempt times out at its
+    deadline and is tried again.
+    """
+
+    in_process = True
+
+    def __init__(self) -> None:
+        self.groups_created = 0
+        self._queues: dict[str, deque[Entry]] = {}
+        self._ready = threading.Condition()
+        self._next_id = 0
+        #: Malformed entries set aside, newest last: (entry, reason).
+        self.poisoned: list[tuple[Entry, str]] = []
+
+    def commands_stream(self, service: str) -> str:
+        return f"commands:{service}"
+
+    @property
+    def replies_stream(self) -> str:
+        return "replies"
+
+    def send(self, stream: str, fields: Mapping[str, str]) -> None:
+        raw = {k.encode(): v.encode("utf-8", "surrogatepass") for k, v in fields.items()}
+        with self._ready:
+            self._next_id += 1
+            entry = Entry(stream, f"{self._next_id}-0", raw)
+            self._queues.setdefault(stream, deque()).append(entry)
+            self._ready.notify_all()
+
+    def send_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+        for stream, fields in entries:
+            self.send(stream, fields)
+
+    def read(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, timeout: float
+    ) -> list[Entry]:
+        if count <= 0:
+            return []
+        with self._ready:
+            self._ready.wait_for(lambda: self._waiting(streams), timeout=max(timeout, 0.0))
+            found: list[Entry] = []
+            for stream in streams:
+                queue = self._queues.get(stream)
+                while queue and len(found) < count:
+                    found.append(queue.popleft())
+            return found
+
+    def ack(self, group: str, entries: Sequence[Entry]) -> None:
+        return None  # an entry left its queue when it was read
+
+    def poison(self, group: str, entry: Entry, reason: str) -> None:
+        log.warning("malformed entry %s on %s: %s; dropped", entry.id, entry.stream, reason)
+        self.poisoned.append((entry, reason))
+
+    def close(self) -> None:
+        return None
+
+    def _waiting(self, streams: Sequence[str]) -> bool:
+        return any(self._queues.get(s) for s in streams)
+
+
+class RedisBus:
+    """Commands and replies on Redis streams, read through consumer groups."""
+
+    in_process = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "saga",
+        client_name: str = "bus",
+        maxlen: int = 100_000,
+        claim_idle_seconds: float = 30.0,
+    ) -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise InvalidInput(
+                "SAGA_REDIS_PREFIX", f"{prefix!r}: use 1-100 letters, digits or any of _.:{{}}-"
+            )
+        self.prefix = prefix
+        self.poison_stream = f"{prefix}:poison"
+        self.maxlen = maxlen
+        self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
+        self.groups_created = 0
+        self._claim_every = claim_idle_seconds / 2
+        self._next_claim: dict[str, float] = {}
+        self._claim_cursor: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=_SOCKET_TIMEOUT,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            # One quick retry replaces a pooled connection Redis closed.
+            retry=Retry(NoBackoff(), 1),
+            protocol=2,
+            client_name=re.sub(r"[^\w.:@-]", "_", f"{prefix}:{client_name}")[:200],
+        )
+        kwargs = self._redis.connection_pool.connection_kwargs
+        self.where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisBus:
+        if not settings.redis_url:
+            raise InvalidInput("SAGA_REDIS_URL", "is not set; the Redis command bus needs it")
+        return cls(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            client_name=f"bus:{settings.worker_id}",
+            maxlen=settings.redis_stream_maxlen,
+            claim_idle_seconds=settings.redis_claim_idle_seconds,
+        )
+
+    def commands_stream(self, service: str) -> str:
+        return f"{self.prefix}:commands:{service}"
+
+    @property
+    def replies_stream(self) -> str:
+        return f"{self.prefix}:replies"
+
+    def send(self, stream: str, fields: Mapping[str, str]) -> None:
+        with self._translate("send", stream):
+            self._redis.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+
+    def send_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+        if not entries:
+            return
+        with self._translate("send", ", ".join(sorted({stream for stream, _ in entries}))):
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, fields in entries:
+                pipe.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.execute()
+
+    def read(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, timeout: float
+    ) -> list[Entry]:
+        if count <= 0 or not streams:
+            return []
+        with self._translate("read", ", ".join(streams)):
+            try:
+                return self._next_entries(streams, group, consumer, count, timeout)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                # First use, or Redis lost the group with its data: make it, read again.
+                self._create_groups(streams, group)
+                return self._next_entries(streams, group, consumer, count, timeout)
+
+    def ack(self, group: str, entries: Sequence[Entry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        with self._translate("acknowledge", ", ".join(by_stream)):
+            for stream, ids in by_stream.items():
+                self._redis.xack(stream, group, *ids)
+
+    def poison(self, group: str, entry: Entry, reason: str) -> None:
+        log.warning(
+            "malformed entry %s on %s: %s; moved to %s",
+            entry.id,
+            entry.stream,
+            reason,
+            self.poison_stream,
+        )
+        record: dict[bytes, bytes | str | int] = {
+            b"reason": reason,
+            b"source_id": entry.id,
+            b"source_stream": entry.stream,
+            b"at": now_ms(),
+        }
+        record.update({RAW_PREFIX + name: value for name, value in entry.fields.items()})
+        with self._translate("set aside a malformed entry from", entry.stream):
+            # Record and acknowledgement in one MULTI: never lost, never delivered again.
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xadd(self.poison_stream, record, maxlen=_POISON_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(entry.stream, group, entry.id)
+            pipe.execute()
+
+    def close(self) -> None:
+        self._redis.close()
+
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client, for operators' tools and tests."""
+        return self._redis
+
+    # -- reading ------------------------------------------------------------
+
+    def _next_entries(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, timeout: float
+    ) -> list[Entry]:
+        for stream in streams:
+            taken = self._claim_abandoned(stream, group, consumer, count)
+            if taken:
+                return taken
+        reply: Any = self._redis.xreadgroup(
+            group,
+            consumer,
+            dict.fromkeys(streams, ">"),
+            count=count,
+            block=self._block_ms(streams, timeout),
+        )
+        entries: list[Entry] = []
+        for stream, rows in reply or []:
+            name = _text(stream)
+            entries.extend(Entry(name, _text(i), f) for i, f in rows if f is not None)
+        return entries
+
+    def _block_ms(self, streams: Sequence[str], timeout: float) -> int | None:
+        wait = min(timeout, _MAX_BLOCK_SECONDS)
+        now = time.monotonic()
+        for stream in streams:  # wake up in time for the next scan of abandoned entries
+            wait = min(wait, max(self._next_claim.get(stream, 0.0) - now, 0.001))
+        return max(1, int(wait * 1000)) if wait > 0 else None
+
+    def _claim_abandoned(self, stream: str, group: str, consumer: str, count: int) -> list[Entry]:
+        """Take over entries other readers of ``group`` left unacknowledged for too long."""
+        with self._lock:
+            if time.monotonic() < self._next_claim.get(stream, 0.0):
+                return []
+            reply = self._redis.xautoclaim(
+                stream,
+                group,
+                consumer,
+                self.claim_idle_ms,
+                start_id=self._claim_cursor.get(stream, "0-0"),
+                count=count,
+            )
+            cursor = _text(reply[0])
+            self._claim_cursor[stream] = cursor
+            if cursor == "0-0":  # the scan went round: rest until the next period
+                self._next_claim[stream] = time.monotonic() + self._claim_every
+        entries = [Entry(stream, _text(i), f) for i, f in reply[1] if i is not None and f]
+        if entries:
+            log.info(
+                "%s took over %d entries of %s left unacknowledged for over %.1fs",
+                consumer,
+                len(entries),
+                stream,
+                self.claim_idle_ms / 1000,
+            )
+        return entries
+
+    def _create_groups(self, streams: Sequence[str], group: str) -> None:
+        for stream in streams:
+            try:
+                # From id 0: entries written before the group existed are still to be read.
+                self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+                continue
+            self.groups_created += 1
+            self._claim_cursor[stream] = "0-0"
+            log.info("created consumer group %s on %s", group, stream)
+
+    @contextmanager
+    def _translate(self, operation: str, where: str) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise TransportError(
+                f"could not {operation} {where}: Redis at {self.where} is unreachable ({exc})"
+            ) from exc
+        except redis.RedisError as exc:
+            raise TransportError(
+                f"Redis at {self.where} refused to {operation} {where}: {exc}"
+            ) from exc
+
+
+def _text(value: bytes | str | Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

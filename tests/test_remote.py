@@ -1,0 +1,569 @@
+"""Remote steps: commands to participant services and their replies.
+
+In-process (the embedded default, on SQLite and PostgreSQL) and on Redis
+Streams with PostgreSQL. The participants record every call and effect
+(tests/helpers/participant.py), so each test can check that an effect
+happened once however often a command was delivered.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext
+from engine.bus import PARTICIPANTS, WORKERS, RedisBus
+from engine.cli import main
+from engine.participant import ParticipantService
+from engine.queries import EventRecord
+from engine.remote import Command
+from engine.states import Phase
+from tests.conftest import empty_tables
+from tests.helpers.deploy import Deployment
+from tests.helpers.engines import timeline, wait_for, wait_state
+from tests.helpers.participant import Participant
+from tests.helpers.remote import STEPS, remote_travel, service
+from tests.helpers.sagas import QUICK
+
+
+@pytest.fixture
+def embedded(store_url: str, participant: Participant) -> Iterator[Deployment]:
+    # Depends on the participant so that it is closed after the handlers stopped.
+    made = Deployment(store_url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
+    plain = redis.Redis.from_url(redis_url)
+    yield plain
+    keys = list(plain.scan_iter(f"{prefix}:*"))
+    if keys:
+        plain.delete(*keys)
+    plain.close()
+
+
+@pytest.fixture
+def pg_participant(pg_url: str) -> Iterator[Participant]:
+    empty_tables(pg_url)
+    p = Participant(pg_url)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def on_redis(
+    pg_url: str, redis_url: str, prefix: str, pg_participant: Participant
+) -> Iterator[Deployment]:
+    made = Deployment(pg_url, redis_url=redis_url, prefix=prefix)
+    yield made
+    made.close()
+
+
+def effects_once(p: Participant) -> dict[str, int]:
+    counts = p.effect_counts()
+    assert set(counts.values()) <= {1}, counts
+    return counts
+
+
+def events(engine: SagaEngine, saga_id: str, kind: str) -> list[EventRecord]:
+    return [e for e in timeline(engine, saga_id) if e.kind == kind]
+
+
+def compensation_order(engine: SagaEngine, saga_id: str) -> list[str | None]:
+    return [
+        e.step_name for e in events(engine, saga_id, "attempt_succeeded") if e.phase == "compensate"
+    ]
+
+
+# -- definitions ------------------------------------------------------------------
+
+
+def test_a_remote_step_names_its_commands_and_its_service() -> None:
+    saga = Saga("trip")
+    saga.remote_step("hotel", "hotel.reserve", compensation="hotel.cancel")
+    saga.remote_step("charge", "payments.charge", pivot=True)
+    hotel, charge = saga.steps
+    assert hotel.remote is not None and charge.remote is not None
+    assert hotel.remote.service == "hotel"
+    assert hotel.remote.command(Phase.COMPENSATE) == "hotel.cancel"
+    assert hotel.compensation is not None  # so the core knows it has something to undo
+    assert charge.compensation is None and charge.remote.command(Phase.COMPENSATE) is None
+    assert hotel.external and not hotel.transactional
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda s: s.remote_step("a", "no spaces allowed"), "command 'no spaces allowed'"),
+        (lambda s: s.remote_step("a", "hotel.reserve", compensation="a b"), "command 'a b'"),
+        (lambda s: s.wait_for("bad event", name="ok"), "an event name"),
+        (lambda s: (s.wait_for("go"), s.wait_for("go", name="again")), "already waits for"),
+    ],
+)
+def test_bad_remote_and_waiting_steps_are_refused_when_built(build: Any, problem: str) -> None:
+    with pytest.raises(DefinitionError, match=problem):
+        build(Saga("trip"))
+
+
+def test_a_remote_step_is_neither_transactional_nor_undone_by_a_function() -> None:
+    saga = Saga("trip")
+    handle = saga.remote_step("hotel", "hotel.reserve")
+    with pytest.raises(DefinitionError, match="undone by a command"):
+        handle.compensate(lambda ctx, out: None)
+    from engine.definition import Remote
+
+    with pytest.raises(DefinitionError, match="cannot be transactional"):
+        saga.add_step("b", lambda ctx: None, transactional=True, remote=Remote("b.go"))
+
+
+def test_participant_handlers_are_checked_when_registered() -> None:
+    handlers = ParticipantService("p")
+    handlers.add_handler("hotel.reserve", lambda ctx: None)
+    with pytest.raises(DefinitionError, match="already has a handler"):
+        handlers.add_handler("hotel.reserve", lambda ctx: None)
+    with pytest.raises(DefinitionError, match=r"'service\.name'"):
+        handlers.add_handler("hotel reserve", lambda ctx: None)
+    assert handlers.services == ["hotel"]
+
+
+# -- in-process: the embedded default ---------------------------------------------
+
+
+def test_remote_steps_run_in_process_without_redis(
+    embedded: Deployment, participant: Participant
+) -> None:
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {}, correlation_id="corr-remote-1").id
+
+    done = wait_state(engine, saga_id, SagaState.COMPLETED)
+
+    assert [s.output for s in done.steps] == [{"step": s, "phase": "action"} for s in STEPS]
+    assert [(c.step, c.attempt) for c in participant.calls(saga_id)] == [(s, 1) for s in STEPS]
+    started = events(engine, saga_id, "attempt_started")
+    assert [e.detail["command"] for e in started if e.detail] == ["hotel.do", "flight.do", "car.do"]
+    succeeded = events(engine, saga_id, "attempt_succeeded")
+    assert {e.detail["participant"] for e in succeeded if e.detail} == {"w1:participant"}
+    assert {e.correlation_id for e in timeline(engine, saga_id)} == {"corr-remote-1"}
+    assert done.lease_owner is None
+    effects_once(participant)
+
+
+def test_a_participant_handler_gets_the_step_context(
+    embedded: Deployment, participant: Participant
+) -> None:
+    seen: list[StepContext] = []
+
+    def hotel(ctx: StepContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {"room": 12}
+
+    handlers = ParticipantService("ctx")
+    handlers.add_handler("hotel.do", hotel)
+    handlers.add_handler("hotel.undo", lambda ctx, output: None)
+    handlers.add_handler("flight.do", lambda ctx: seen.append(ctx) or {"seat": "4C"})
+    handlers.add_handler("flight.undo", lambda ctx, output: None)
+    handlers.add_handler("car.do", lambda ctx: None)
+    handlers.add_handler("car.undo", lambda ctx, output: None)
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, handlers)
+    embedded.worker(engine)
+    started = engine.start("rtravel", {"who": "Ada"}, business_key="T-7", correlation_id="c-7")
+    wait_state(engine, started.id, SagaState.COMPLETED)
+
+    first, second = seen
+    assert (first.saga_id, first.step, first.phase, first.attempt) == (
+        started.id,
+        "hotel",
+        Phase.ACTION,
+        1,
+    )
+    assert first.idempotency_key == f"{started.id}:hotel:action"
+    assert (first.correlation_id, first.business_key, first.payload) == (
+        "c-7",
+        "T-7",
+        {"who": "Ada"},
+    )
+    assert second.outputs == {"hotel": {"room": 12}}
+
+
+def test_a_failing_participant_compensates_in_reverse_order(
+    embedded: Deployment, participant: Participant
+) -> None:
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {"fatal": {"car": True}}).id
+
+    done = wait_state(engine, saga_id, SagaState.COMPENSATED)
+
+    assert compensation_order(engine, saga_id) == ["car", "flight", "hotel"]
+    assert participant.effects(saga_id) == [
+        ("hotel", "action"),
+        ("flight", "action"),
+        ("car", "compensate"),
+        ("flight", "compensate"),
+        ("hotel", "compensate"),
+    ]
+    [failed] = [e for e in events(engine, saga_id, "attempt_failed") if e.step_name == "car"]
+    assert failed.error is not None and "NonRetryableError: car refused for good" in failed.error
+    assert failed.traceback is not None and "NonRetryableError" in failed.traceback
+    assert done.steps[2].attempts == 1  # a non-retryable reply is not retried
+    effects_once(participant)
+
+
+def test_a_retriable_failure_is_retried_with_a_new_command(
+    embedded: Deployment, participant: Participant
+) -> None:
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {"fail": {"flight": 2}}).id
+
+    done = wait_state(engine, saga_id, SagaState.COMPLETED)
+
+    assert done.steps[1].attempts == 3
+    flight = [c.attempt for c in participant.calls(saga_id) if c.step == "flight"]
+    assert flight == [1, 2, 3]
+    effects_once(participant)
+
+
+def test_a_late_reply_after_the_timeout_is_noted_and_ignored(
+    embedded: Deployment, participant: Participant
+) -> None:
+    def slow_first_flight(ctx: StepContext) -> Any:
+        result = participant.action(ctx)  # the effect happens, under the guard
+        if ctx.attempt == 1:
+            time.sleep(1.0)  # ...but the reply comes after the 0.4 s deadline
+        return result
+
+    handlers = service(participant)
+    handlers._handlers["flight.do"] = slow_first_flight
+    engine = embedded.engine(remote_travel(timeouts={"flight": 0.4}))
+    embedded.participant(engine, handlers)
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {}).id
+
+    wait_state(engine, saga_id, SagaState.COMPLETED)
+    discarded = wait_for(lambda: events(engine, saga_id, "result_discarded"))
+
+    [timed_out] = events(engine, saga_id, "attempt_timed_out")
+    assert (timed_out.step_name, timed_out.attempt) == ("flight", 1)
+    assert timed_out.error is not None and "no reply to 'flight.do' within 0.4s" in timed_out.error
+    [late] = discarded
+    assert (late.step_name, late.phase, late.attempt) == ("flight", "action", 1)
+    assert late.detail is not None and late.detail["reply"] == "success"
+    assert "late or repeated reply" in late.detail["why"]
+    inst = engine.get(saga_id)
+    assert inst.steps[1].attempts == 2 and inst.state is SagaState.COMPLETED
+    assert participant.effect_counts()[f"{saga_id}:flight:action"] == 1
+
+
+def test_a_command_nobody_handles_fails_the_step_and_the_saga_compensates(
+    embedded: Deployment, participant: Participant
+) -> None:
+    handlers = ParticipantService("partial")
+    for step in ("hotel", "flight"):
+        handlers.add_handler(f"{step}.do", participant.action)
+        handlers.add_handler(f"{step}.undo", participant.compensation)
+    handlers.add_handler("car.undo", participant.compensation)
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, handlers)
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {}).id
+
+    done = wait_state(engine, saga_id, SagaState.COMPENSATED)
+
+    assert done.steps[2].attempts == QUICK.max_attempts  # retriable: maybe another has it
+    assert done.steps[2].error is not None and "no handler for 'car.do'" in done.steps[2].error
+    assert compensation_order(engine, saga_id) == ["car", "flight", "hotel"]
+
+
+def test_in_process_and_remote_steps_mix(embedded: Deployment, participant: Participant) -> None:
+    saga = Saga("mixed_remote", default_retry=QUICK, default_compensation_retry=QUICK)
+    saga.add_step("local", participant.action, participant.compensation)
+    saga.remote_step("hotel", "hotel.do", compensation="hotel.undo")
+    saga.add_step("after", participant.action, participant.compensation)
+    engine = embedded.engine(saga)
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+    saga_id = engine.start("mixed_remote", {}).id
+
+    wait_state(engine, saga_id, SagaState.COMPLETED)
+
+    assert [step for step, _ in participant.effects(saga_id)] == ["local", "hotel", "after"]
+    effects_once(participant)
+
+
+def test_run_inline_hands_a_remote_step_to_the_participant(
+    embedded: Deployment, participant: Participant
+) -> None:
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+
+    inst = engine.run("rtravel", {})  # returns once the first command is out
+
+    assert inst.state is SagaState.RUNNING and inst.lease_owner is None
+    wait_state(engine, inst.id, SagaState.COMPLETED)
+    effects_once(participant)
+
+
+def test_cancelling_while_a_command_is_in_flight_discards_its_reply(
+    embedded: Deployment, participant: Participant, tmp_path: Path
+) -> None:
+    gate = tmp_path / "hold-hotel"
+    gate.touch()
+    engine = embedded.engine(remote_travel())
+    embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {"block_while": {"hotel": str(gate)}}).id
+    wait_for(lambda: participant.effects(saga_id))  # the hotel acted and now holds its reply
+
+    cancelled = engine.operations.cancel(saga_id, actor="ops", reason="customer called")
+    gate.unlink()
+
+    assert cancelled.state is SagaState.CANCELLED
+    [late] = wait_for(lambda: events(engine, saga_id, "result_discarded"))
+    assert late.detail is not None and "the saga is already cancelled" in late.detail["why"]
+    assert engine.get(saga_id).state is SagaState.CANCELLED
+
+
+def test_a_command_read_after_its_deadline_is_not_run(
+    embedded: Deployment, participant: Participant
+) -> None:
+    engine = embedded.engine(remote_travel(timeouts={"hotel": 0.3}))
+    saga_id = engine.start("rtravel", {}).id
+    worker = embedded.worker(engine)
+    wait_for(lambda: engine.get(saga_id).steps[0].attempts == 1)
+    worker.stop()  # the first command waits on the bus; nobody reads it in time
+    time.sleep(0.4)
+
+    runtime = embedded.participant(engine, service(participant))
+    embedded.worker(engine)
+
+    wait_state(engine, saga_id, SagaState.COMPLETED)
+    assert runtime.counts["expired"] == 1
+    hotel = [c.attempt for c in participant.calls(saga_id) if c.step == "hotel"]
+    assert hotel == [2]  # attempt 1 expired unrun; attempt 2 did the work
+
+
+# -- on Redis Streams, with PostgreSQL ---------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_remote_steps_over_redis_streams(
+    on_redis: Deployment, pg_participant: Participant, client: redis.Redis, prefix: str
+) -> None:
+    first = on_redis.engine(remote_travel(), worker_id="w1")
+    second = on_redis.engine(remote_travel(), worker_id="w2")
+    on_redis.participant(first, service(pg_participant), only=["hotel", "flight"])
+    on_redis.participant(second, service(pg_participant), only=["car"])
+    on_redis.worker(first)
+    on_redis.worker(second)
+
+    ids = [
+        first.start("rtravel", {"fatal": {"car": True}} if n % 3 == 0 else {}).id for n in range(12)
+    ]
+    for n, saga_id in enumerate(ids):
+        wanted = SagaState.COMPENSATED if n % 3 == 0 else SagaState.COMPLETED
+        wait_state(first, saga_id, wanted)
+        if wanted is SagaState.COMPENSATED:
+            assert compensation_order(first, saga_id) == ["car", "flight", "hotel"]
+
+    effects_once(pg_participant)
+    for service_name in STEPS:
+        stream = f"{prefix}:commands:{service_name}"
+        assert [g["name"] for g in client.xinfo_groups(stream)] == [PARTICIPANTS.encode()]
+        wait_for(lambda s=stream: client.xpending(s, PARTICIPANTS)["pending"] == 0)
+    replies = f"{prefix}:replies"
+    assert [g["name"] for g in client.xinfo_groups(replies)] == [WORKERS.encode()]
+    wait_for(lambda: client.xpending(replies, WORKERS)["pending"] == 0)
+    [entry] = client.xrange(f"{prefix}:commands:hotel", count=1)
+    fields = entry[1]
+    assert fields[b"command"] == b"hotel.do" and fields[b"correlation_id"]
+    assert Command.from_fields(fields).idempotency_key.endswith(":hotel:action")
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_malformed_commands_and_replies_become_poison_records(
+    on_redis: Deployment, pg_participant: Participant, client: redis.Redis, prefix: str
+) -> None:
+    engine = on_redis.engine(remote_travel())
+    runtime = on_redis.participant(engine, service(pg_participant))
+    worker = on_redis.worker(engine)
+    healthy = engine.start("rtravel", {}).id
+    wait_state(engine, healthy, SagaState.COMPLETED)
+
+    client.xadd(f"{prefix}:commands:hotel", {"hello": "world"})
+    client.xadd(f"{prefix}:commands:hotel", {"v": "1", "command": "hotel.do", "saga_id": "x"})
+    client.xadd(f"{prefix}:replies", {"v": "1", "outcome": "success", "saga_id": b"\x80\x81"})
+    client.xadd(f"{prefix}:replies", {"v": "1", "saga_id": healthy, "outcome": "maybe"})
+
+    poison = f"{prefix}:poison"
+    wait_for(lambda: client.xlen(poison) == 4)
+    records = {r[1][b"source_stream"].decode(): [] for r in client.xrange(poison)}
+    for _, fields in client.xrange(poison):
+        records[fields[b"source_stream"].decode()].append(fields[b"reason"].decode())
+    assert sorted(records) == [f"{prefix}:commands:hotel", f"{prefix}:replies"]
+    assert any(
+        "no command field" in r or "wire version" in r for r in records[f"{prefix}:commands:hotel"]
+    )
+    assert any("not a saga id" in r for r in records[f"{prefix}:commands:hotel"])
+    assert any("not UTF-8" in r for r in records[f"{prefix}:replies"])
+    assert any("outcome 'maybe'" in r for r in records[f"{prefix}:replies"])
+    raw = [f for _, f in client.xrange(poison) if f.get(b"raw:hello") == b"world"]
+    assert raw, "the raw fields are kept byte for byte"
+
+    wait_for(lambda: client.xpending(f"{prefix}:commands:hotel", PARTICIPANTS)["pending"] == 0)
+    wait_for(lambda: client.xpending(f"{prefix}:replies", WORKERS)["pending"] == 0)
+    after = engine.start("rtravel", {}).id  # both readers carry on
+    wait_state(engine, after, SagaState.COMPLETED)
+    assert not worker.stopping and runtime.counts["success"] >= 6
+    effects_once(pg_participant)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_commands_lost_with_redis_are_sent_again(
+    on_redis: Deployment, pg_participant: Participant, client: redis.Redis, prefix: str
+) -> None:
+    # The reply deadline is a minute: only sending the command again can finish it sooner.
+    engine = on_redis.engine(remote_travel(timeout=60.0))
+    on_redis.worker(engine)
+    wait_for(lambda: _has_group(client, f"{prefix}:replies", WORKERS))
+    saga_id = engine.start("rtravel", {}).id
+    wait_for(lambda: client.xlen(f"{prefix}:commands:hotel") == 1)
+
+    client.flushdb()  # the command goes, with the groups
+    on_redis.participant(engine, service(pg_participant))
+
+    wait_state(engine, saga_id, SagaState.COMPLETED, timeout=20)
+    assert engine.get(saga_id).steps[0].attempts == 1  # the same attempt, sent again
+    effects_once(pg_participant)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_a_dead_participants_pending_command_is_taken_over(
+    on_redis: Deployment, pg_participant: Participant, client: redis.Redis, prefix: str
+) -> None:
+    engine = on_redis.engine(remote_travel(timeout=60.0), redis_claim_idle_seconds=0.5)
+    on_redis.worker(engine)
+    stream = f"{prefix}:commands:hotel"
+    client.xgroup_create(stream, PARTICIPANTS, id="0", mkstream=True)
+    saga_id = engine.start("rtravel", {}).id
+    wait_for(lambda: client.xlen(stream) == 1)
+    # A participant reads the command, then dies before replying.
+    assert client.xreadgroup(PARTICIPANTS, "dead", {stream: ">"}, count=10)
+
+    on_redis.participant(engine, service(pg_participant))
+
+    wait_state(engine, saga_id, SagaState.COMPLETED, timeout=20)
+    assert engine.get(saga_id).steps[0].attempts == 1
+    wait_for(lambda: client.xpending(stream, PARTICIPANTS)["pending"] == 0)
+    effects_once(pg_participant)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_a_dead_workers_pending_reply_is_taken_over(
+    on_redis: Deployment, pg_participant: Participant, client: redis.Redis, prefix: str
+) -> None:
+    engine = on_redis.engine(remote_travel(timeout=60.0), redis_claim_idle_seconds=0.5)
+    replies = f"{prefix}:replies"
+    client.xgroup_create(replies, WORKERS, id="0", mkstream=True)
+    on_redis.participant(engine, service(pg_participant))
+    inst = engine.run("rtravel", {})  # no worker yet: the hotel's reply waits
+    wait_for(lambda: client.xlen(replies) == 1)
+    # A worker reads the reply, then dies before recording it.
+    assert client.xreadgroup(WORKERS, "dead", {replies: ">"}, count=10)
+
+    on_redis.worker(engine)
+
+    wait_state(engine, inst.id, SagaState.COMPLETED, timeout=20)
+    assert engine.get(inst.id).steps[0].attempts == 1
+    wait_for(lambda: client.xpending(replies, WORKERS)["pending"] == 0)
+    effects_once(pg_participant)
+
+
+def _has_group(client: redis.Redis, stream: str, group: str) -> bool:
+    try:
+        return any(g["name"] == group.encode() for g in client.xinfo_groups(stream))
+    except redis.ResponseError:
+        return False
+
+
+@pytest.mark.redis
+def test_the_redis_bus_keeps_its_keys_under_the_prefix(redis_url: str, prefix: str) -> None:
+    bus = RedisBus(redis_url, prefix=prefix)
+    try:
+        assert bus.commands_stream("hotel") == f"{prefix}:commands:hotel"
+        assert bus.replies_stream == f"{prefix}:replies"
+        assert bus.poison_stream == f"{prefix}:poison"
+    finally:
+        bus.close()
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def test_saga_participant_needs_redis(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGA_DATABASE_URL", sqlite_url)
+    monkeypatch.delenv("SAGA_REDIS_URL", raising=False)
+    result = CliRunner().invoke(main, ["-A", "examples.remote_participants", "participant"])
+    assert result.exit_code == 2
+    assert "SAGA_REDIS_URL" in result.output and "engine.participant" in result.output
+
+
+def test_saga_participant_refuses_a_service_it_has_no_handlers_for(
+    sqlite_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAGA_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("SAGA_REDIS_URL", redis_url)
+    result = CliRunner().invoke(
+        main, ["-A", "examples.remote_participants", "participant", "--service", "boats"]
+    )
+    assert result.exit_code == 2
+    assert "no handlers for boats" in result.output and "car, flight, hotel" in result.output
+
+
+def test_the_remote_example_runs_without_redis(sqlite_url: str) -> None:
+    from engine import Settings
+    from examples import remote_participants, travel_booking_remote
+
+    engine = SagaEngine(
+        [travel_booking_remote.book_trip_remote],
+        settings=Settings(database_url=sqlite_url, poll_seconds=0.05),
+    )
+    try:
+        travel_booking_remote.init_engine(engine)  # what `saga worker` calls
+        worker = engine.worker(4).start()
+        ok = engine.start("book_trip_remote", {"traveller": "Ada"}).id
+        undone = engine.start("book_trip_remote", {"fail": {"car": "permanent"}}).id
+        wait_state(engine, ok, SagaState.COMPLETED)
+        wait_state(engine, undone, SagaState.COMPENSATED)
+        worker.stop()
+        assert [r["status"] for r in remote_participants.cars.records(ok)] == ["active"]
+        assert [r["status"] for r in remote_participants.hotels.records(undone)] == ["cancelled"]
+        assert remote_participants.cars.records(undone) == []
+        assert compensation_order(engine, undone) == ["rent_car", "book_flight", "reserve_hotel"]
+    finally:
+        engine.close()
