@@ -77,6 +77,8 @@ def dead_letters() -> ResponseReturnValue:
         acts=current_user.can(Role.OPERATOR),
         known=known,
         saga_names=svc.engine.registry.names(),
+        # Domain events a choreography's handler gave up on, or could not read.
+        event_letters=svc.engine.store.event_dead_letters(limit=PAGE_SIZE),
     )
 
 

@@ -19,9 +19,17 @@ from console.charts import step_charts
 from console.forms import ActionForm
 from console.params import parse_action, parse_list, parse_search
 from console.timeline import build_steps, idempotency_keys
+from engine.choreography import CHOREOGRAPHED
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidTransition, UnknownSaga
+from engine.events import (
+    ChoreographyOperations,
+    EventBus,
+    choreographies_in,
+    event_log_from_settings,
+)
 from engine.interventions import Action
+from engine.loader import import_module
 from engine.model import Instance, now_ms
 from engine.queries import InstanceFilter
 from engine.states import SagaState
@@ -158,6 +166,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "charts": step_charts(inst, durations, now_ms()),
         "labels": describe.LABELS,
         "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
+        "choreo_actions": _choreo_actions(inst),
     }
 
 
@@ -195,6 +204,77 @@ def _check_allowed(inst: Instance, action: Action) -> None:
         )
     if action not in services.get().operations.allowed(inst):
         raise InvalidTransition(inst.id, str(action), inst.state, "its state does not allow it now")
+
+
+# -- choreographed instances (engine.choreography) ------------------------------
+
+#: What each action on a choreographed instance is called, and what it will do.
+CHOREO_ACTIONS = {
+    "force-compensate": (
+        "Force-compensate",
+        "The compensating event of each step that completed and is not undone is published, "
+        "latest step first, each once however often this is confirmed; the services that own "
+        "the steps undo their work when they see it.",
+    ),
+    "republish": (
+        "Re-publish the last event",
+        "The last event this saga moved on is published again with the same id: services that "
+        "handled it already absorb it; one that missed it acts on it now.",
+    ),
+}
+
+
+def _choreo_actions(inst: Instance) -> list[str]:
+    if inst.kind != CHOREOGRAPHED or inst.state.is_final or not current_user.can(Role.OPERATOR):
+        return []
+    return list(CHOREO_ACTIONS)
+
+
+@bp.route("/sagas/<saga_id>/choreography/<action_name>", methods=["GET", "POST"])
+@require_role(Role.OPERATOR)
+def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
+    """GET: confirm. POST: force-compensate or re-publish, with a reason, audited."""
+    if action_name not in CHOREO_ACTIONS:
+        raise InvalidTransition(saga_id, action_name, "-", "no such action on a choreography")
+    inst = services.get().engine.get(saga_id)
+    form = ActionForm()
+    label, consequence = CHOREO_ACTIONS[action_name]
+    context = {"inst": inst, "form": form, "label": label, "consequence": consequence}
+    context["action_name"] = action_name
+    if request.method == "GET":
+        _check_seen_version(inst, request.args.get("version"))
+        form.expected_version.data = inst.version
+        return render_template("confirm_choreography.html", **context)
+    if not form.validate_on_submit():
+        return render_template("confirm_choreography.html", **context), 400
+    _check_seen_version(inst, str(form.expected_version.data))
+    ops = _choreography_operations()
+    if action_name == "force-compensate":
+        sent = ops.force_compensate(saga_id, actor=current_user.name, reason=form.reason.data)
+        what = ", ".join(sent) if sent else "nothing new (each was published before)"
+        flash(f"Force-compensate: done by {current_user.name}. Published: {what}.")
+    else:
+        sent_one = ops.republish_last(saga_id, actor=current_user.name, reason=form.reason.data)
+        flash(f"Re-published {sent_one}: done by {current_user.name}.")
+    return redirect(url_for("sagas.instance", saga_id=saga_id))
+
+
+def _choreography_operations() -> ChoreographyOperations:
+    """The app's :class:`ChoreographyOperations` (``SAGA_CHOREOGRAPHY_OPERATIONS`` in tests),
+    else built from the engine's settings: the event bus, and the choreographies ``SAGA_APP``
+    declares."""
+    found = current_app.extensions.get("saga_choreography")
+    if found is None:
+        found = current_app.config.get("SAGA_CHOREOGRAPHY_OPERATIONS")
+    if found is None:
+        engine = services.get().engine
+        modules = [import_module(name) for name in engine.settings.app]
+        declared = [c for m in modules for c in choreographies_in(m)]
+        log_ = event_log_from_settings(engine.settings)
+        found = ChoreographyOperations(engine.store, EventBus(log_), declared)
+    current_app.extensions["saga_choreography"] = found
+    ops: ChoreographyOperations = found
+    return ops
 
 
 def _is_htmx() -> bool:

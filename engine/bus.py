@@ -95,6 +95,11 @@ class CommandBus(Protocol):
     def ack(self, group: str, entries: Sequence[Entry]) -> None:
         """Mark ``entries`` handled, so they are not delivered again."""
 
+    def send_and_ack(
+        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+    ) -> None:
+        """Append one entry, then acknowledge ``entry``, in one round trip where it can."""
+
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         """Set a malformed entry aside with ``reason``, and acknowledge it."""
 
@@ -172,6 +177,11 @@ class InProcessBus:
     def ack(self, group: str, entries: Sequence[Entry]) -> None:
         return None  # an entry left its queue when it was read
 
+    def send_and_ack(
+        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+    ) -> None:
+        self.send(stream, fields)
+
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         log.warning("malformed entry %s on %s: %s; dropped", entry.id, entry.stream, reason)
         self.poisoned.append((entry, reason))
@@ -209,6 +219,7 @@ class RedisBus:
         self._claim_every = claim_idle_seconds / 2
         self._next_claim: dict[str, float] = {}
         self._claim_cursor: dict[str, str] = {}
+        self._rotation = 0  # which streams a read of fewer entries than streams starts with
         self._lock = threading.Lock()
         self._redis = redis.Redis.from_url(
             url,
@@ -277,6 +288,17 @@ class RedisBus:
             for stream, ids in by_stream.items():
                 self._redis.xack(stream, group, *ids)
 
+    def send_and_ack(
+        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+    ) -> None:
+        with self._translate("send", stream):
+            # Not a MULTI: if the XACK is lost the entry is delivered again, and the
+            # repeat is harmless (its effect is behind an idempotency key).
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(entry.stream, group, entry.id)
+            pipe.execute()
+
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         log.warning(
             "malformed entry %s on %s: %s; moved to %s",
@@ -316,11 +338,16 @@ class RedisBus:
             taken = self._claim_abandoned(stream, group, consumer, count)
             if taken:
                 return taken
+        # COUNT applies to each stream: share it out, so the total stays within count.
+        if len(streams) > count:
+            self._rotation += 1
+            start = self._rotation % len(streams)
+            streams = [*streams[start:], *streams[:start]][:count]
         reply: Any = self._redis.xreadgroup(
             group,
             consumer,
             dict.fromkeys(streams, ">"),
-            count=count,
+            count=max(1, count // len(streams)),
             block=self._block_ms(streams, timeout),
         )
         entries: list[Entry] = []

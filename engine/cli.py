@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -57,6 +57,7 @@ from engine.states import Phase, SagaState
 from engine.store import Store, open_store
 
 if TYPE_CHECKING:
+    from engine.events import EventRuntime
     from engine.scheduler import Sweeper
 
 EXIT_OK = 0
@@ -67,6 +68,8 @@ EXIT_CONFLICT = 4
 
 #: Bumped when a ``--json`` document changes incompatibly (docs/cli.md).
 JSON_SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 # -- errors: mapped to one line and an exit code, here and nowhere else ------
@@ -202,11 +205,22 @@ def require_store(url: str) -> None:
     revision, head = migrate.current(url), _head(url)
     if revision is None:
         raise StoreNotReady(f"the store at {_safe(url)} has no saga tables; run `saga db upgrade`")
-    if revision != head:
-        raise StoreNotReady(
-            f"the store at {_safe(url)} is at schema {revision}, this code needs {head}; "
-            "run `saga db upgrade`"
+    if revision == head:
+        return
+    if not _known_revision(url, revision):
+        # Migrations only add: a store upgraded by a newer release still works
+        # with this one, which lets a rolling deploy upgrade the schema first.
+        log.warning(
+            "the store at %s is at schema %s, newer than this code's %s; going on",
+            _safe(url),
+            revision,
+            head,
         )
+        return
+    raise StoreNotReady(
+        f"the store at {_safe(url)} is at schema {revision}, this code needs {head}; "
+        "run `saga db upgrade`"
+    )
 
 
 def check_url(url: str) -> None:
@@ -233,6 +247,17 @@ def _head(url: str) -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(migrate.alembic_config(url)).get_current_head()
+
+
+def _known_revision(url: str, revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        ScriptDirectory.from_config(migrate.alembic_config(url)).get_revision(revision)
+    except CommandError:
+        return False
+    return True
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -425,8 +450,10 @@ def _serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
 )
 @pass_cli
 def participant(cli: Cli, services: tuple[str, ...], concurrency: int | None) -> None:
-    """Run participant handlers (-A modules) on commands from Redis until SIGTERM or Ctrl-C."""
+    """Run participant handlers (-A modules) on commands and domain events from Redis until
+    SIGTERM or Ctrl-C."""
     from engine.bus import RedisBus
+    from engine.events import choreographies_in, handlers_in
     from engine.loader import import_module
     from engine.participant import ParticipantRuntime, init_hooks, load_participants
 
@@ -439,30 +466,71 @@ def participant(cli: Cli, services: tuple[str, ...], concurrency: int | None) ->
     modules = [import_module(name) for name in cli.app_names]
     if not modules:
         raise InvalidInput("--app", "name the modules that define the handlers with -A/--app")
-    bus = RedisBus.from_settings(cli.settings)
-    cli._closers.append(bus.close)
-    runtime = ParticipantRuntime(
-        load_participants(modules),
-        bus,
-        consumer=cli.settings.worker_id,
-        concurrency=concurrency or cli.settings.concurrency,
-        only=split_names(services),
-        settings=cli.settings,
-    )
-    init_hooks(modules, runtime)
-    click.echo(
-        f"participant {runtime.consumer}: {', '.join(runtime.services)} on {bus.where}, "
-        f"concurrency {runtime.concurrency}; Ctrl-C to stop",
-        err=True,
-    )
+    requested = split_names(services)
+    events = None
+    if any(handlers_in(m) or choreographies_in(m) for m in modules):
+        events = _event_runtime(cli, modules, requested)
+    event_names = {h.service for h in events.services} if events is not None else set()
+    only = tuple(s for s in requested if s not in event_names)
+    runtime = None
+    if events is None or (_has_commands(modules) and (not requested or bool(only))):
+        bus = RedisBus.from_settings(cli.settings)
+        cli._closers.append(bus.close)
+        runtime = ParticipantRuntime(
+            load_participants(m for m in modules if events is None or _has_commands([m])),
+            bus,
+            consumer=cli.settings.worker_id,
+            concurrency=concurrency or cli.settings.concurrency,
+            only=only,
+            settings=cli.settings,
+        )
+        init_hooks(modules, runtime)
+        click.echo(
+            f"participant {runtime.consumer}: {', '.join(runtime.services)} on {bus.where}, "
+            f"concurrency {runtime.concurrency}; Ctrl-C to stop",
+            err=True,
+        )
+    if events is not None:
+        names = ", ".join(s.service for s in events.services)
+        click.echo(f"participant {events.consumer}: events for {names}; Ctrl-C to stop", err=True)
     stop = threading.Event()
     with stop_on_signals(stop):
-        runtime.start()
+        if runtime is not None:
+            runtime.start()
+        if events is not None:
+            events.start()
         while not stop.wait(0.5):
             pass
-        click.echo("draining: finishing the commands in hand", err=True)
-        if not runtime.stop():
-            click.echo("some commands were still running; they are delivered again", err=True)
+        click.echo("draining: finishing the commands and events in hand", err=True)
+        drained = events.stop() if events is not None else True
+        if (runtime is not None and not runtime.stop()) or not drained:
+            click.echo("some were still running; they are delivered again", err=True)
+
+
+def _has_commands(modules: Sequence[ModuleType]) -> bool:
+    from engine.participant import participants_in
+
+    return any(participants_in(m) for m in modules)
+
+
+def _event_runtime(cli: Cli, modules: Sequence[ModuleType], only: Sequence[str]) -> EventRuntime:
+    """The domain-event handlers (and the choreography tracker) the modules define."""
+    from engine.events import EventRuntime, RedisEventLog, event_services
+    from engine.store import open_store
+
+    store = open_store(cli.settings.database_url)
+    cli._closers.append(store.dispose)
+    services, _ = event_services(modules, store)
+    offered = {s.service for s in services}
+    chosen = [s for s in services if s.service in only] if only else services
+    if only and not chosen and not _has_commands(modules):
+        raise InvalidInput(
+            "--service",
+            f"no handlers for {', '.join(only)}; these have: {', '.join(sorted(offered))}",
+        )
+    log_ = RedisEventLog.from_settings(cli.settings)
+    cli._closers.append(log_.close)
+    return EventRuntime(chosen, log_, store, consumer=cli.settings.worker_id)
 
 
 @contextmanager

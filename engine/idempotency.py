@@ -44,11 +44,7 @@ class IdempotencyGuard:
         """As :meth:`run_once`, inside the caller's transaction (a transactional step)."""
         if self._claim(conn, key):
             result = effect(conn)
-            conn.execute(
-                t.idempotency_keys.update()
-                .where(t.idempotency_keys.c.key == key)
-                .values(result=_jsonable(result))
-            )
+            conn.execute(_STORE_RESULT, {"b_key": key, "result": _jsonable(result)})
             return result
         replayed: T = self._replay(conn, key)
         return replayed
@@ -72,22 +68,13 @@ class IdempotencyGuard:
         # Insert first: a concurrent duplicate blocks on the uncommitted row
         # (PostgreSQL) or on the database lock (SQLite) until the first
         # caller commits, then sees the conflict and replays its result.
-        table = t.idempotency_keys
         dialect = conn.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt: Any = pg_insert(table).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(table).on_conflict_do_nothing()
-        else:  # pragma: no cover - only the two stores are supported
+        if dialect not in _CLAIM:  # pragma: no cover - only the two stores are supported
             raise NotImplementedError(dialect)
         row = {"key": key, "scope": self.scope, "created_at": now_ms(), "duplicates": 0}
         # RETURNING, not rowcount: an INSERT's rowcount is not kept by SQLAlchemy
         # (psycopg reports -1), which made every key look new on PostgreSQL.
-        return conn.execute(stmt.values(row).returning(table.c.key)).first() is not None
+        return conn.execute(_CLAIM[dialect], row).first() is not None
 
     def _replay(self, conn: Connection, key: str) -> Any:
         metrics.duplicate_absorbed(self.scope)
@@ -96,6 +83,27 @@ class IdempotencyGuard:
             table.update().where(table.c.key == key).values(duplicates=table.c.duplicates + 1)
         )
         return conn.execute(sa.select(table.c.result).where(table.c.key == key)).scalar()
+
+
+def _claim_statements() -> dict[str, Any]:
+    # Built once: a participant runs these for every command, and building a
+    # statement costs more CPU than running it.
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    table = t.idempotency_keys
+    return {
+        "postgresql": pg_insert(table).on_conflict_do_nothing().returning(table.c.key),
+        "sqlite": sqlite_insert(table).on_conflict_do_nothing().returning(table.c.key),
+    }
+
+
+_CLAIM = _claim_statements()
+_STORE_RESULT = (
+    t.idempotency_keys.update()
+    .where(t.idempotency_keys.c.key == sa.bindparam("b_key"))
+    .values(result=sa.bindparam("result"))
+)
 
 
 def _jsonable(value: Any) -> Any:

@@ -99,6 +99,8 @@ class Instance:
     next_run_at: int | None = None
     lease_owner: str | None = None
     lease_expires_at: int | None = None
+    #: "orchestrated", or "choreographed": tracked from domain events (engine.choreography).
+    kind: str = "orchestrated"
 
     @property
     def current(self) -> StepState:

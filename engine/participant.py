@@ -226,8 +226,7 @@ class ParticipantRuntime:
         try:
             with bound(command.saga_id, command.correlation_id):
                 reply = self.execute(command)
-                if self._send(reply):
-                    self._ack(entry)
+                if self._reply(reply, entry):
                     self._count(reply.outcome)
         finally:
             self._slots.release()
@@ -297,10 +296,13 @@ class ParticipantRuntime:
 
     # -- replying --------------------------------------------------------------------
 
-    def _send(self, reply: Reply, attempts: int = 3) -> bool:
+    def _reply(self, reply: Reply, entry: Entry, attempts: int = 3) -> bool:
+        """Send the reply, then acknowledge the command (one round trip)."""
         for attempt in range(1, attempts + 1):
             try:
-                self.bus.send(self.bus.replies_stream, reply.to_fields())
+                self.bus.send_and_ack(
+                    self.bus.replies_stream, reply.to_fields(), PARTICIPANTS, entry
+                )
                 return True
             except TransportError as exc:
                 if attempt == attempts:

@@ -52,11 +52,14 @@ class InstanceSummary:
     next_run_at: int | None
     lease_owner: str | None
     stuck_since: int | None = None  # when the stuck sweep flagged it; None when not stuck
+    kind: str = "orchestrated"  # or "choreographed" (engine.choreography)
 
     def to_json(self) -> dict[str, Any]:
-        # The `saga list --json` shape is pinned (docs/cli.md); stuck_since is for the console.
+        # The `saga list --json` shape is pinned (docs/cli.md); stuck_since and kind are
+        # for the console.
         doc = asdict(self)
         del doc["stuck_since"]
+        del doc["kind"]
         return doc
 
 
@@ -420,6 +423,7 @@ def _summary(row: Any) -> InstanceSummary:
         next_run_at=row["next_run_at"],
         lease_owner=row["lease_owner"],
         stuck_since=row["stuck_since"],
+        kind=row["kind"],
     )
 
 

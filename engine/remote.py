@@ -21,9 +21,10 @@ life, attempt by attempt:
 5. If no reply comes, the deadline makes the instance due; a worker finds the
    attempt expired, records it as timed out, and the retry policy applies.
 
-Commands and replies are flat string fields (docs/redis.md lists them);
-JSON values are JSON text. A malformed entry is set aside as a poison record
-and acknowledged: it never stops a reader.
+A command or reply is a few fields an operator greps for (``saga_id``,
+``correlation_id``, ``command`` or ``outcome``) plus one JSON ``body`` with
+the rest (docs/redis.md lists it all). A malformed entry is set aside as a
+poison record and acknowledged: it never stops a reader.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from engine import schema as t
 from engine.bus import WORKERS, CommandBus, Entry, read_wait
 from engine.decide import Run, begin_attempt, decide, record_failure, record_success, reply_problem
 from engine.definition import Saga, StepContext
-from engine.errors import ConcurrencyConflict, SagaNotFound, TransportError, UnknownSaga
+from engine.errors import ConcurrencyConflict, TransportError, UnknownSaga
 from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition
 from engine.redis_transport import is_saga_id
@@ -115,48 +116,50 @@ class Command:
         )
 
     def to_fields(self) -> dict[str, str]:
-        fields = {
+        body = {
+            "saga_name": self.saga_name,
+            "step": self.step,
+            "step_index": self.step_index,
+            "phase": str(self.phase),
+            "attempt": self.attempt,
+            "idempotency_key": self.idempotency_key,
+            "business_key": self.business_key,
+            "deadline_at": self.deadline_at,
+            "sent_at": self.sent_at,
+            "payload": self.payload,
+            "outputs": self.outputs,
+            "output": self.output,
+        }
+        return {
             "v": WIRE_VERSION,
             "command": self.command,
             "saga_id": self.saga_id,
-            "saga_name": self.saga_name,
-            "step": self.step,
-            "step_index": str(self.step_index),
-            "phase": str(self.phase),
-            "attempt": str(self.attempt),
-            "idempotency_key": self.idempotency_key,
             "correlation_id": self.correlation_id,
-            "deadline_at": str(self.deadline_at),
-            "sent_at": str(self.sent_at),
-            "payload": dumps(self.payload),
-            "outputs": dumps(self.outputs),
-            "output": dumps(self.output),
+            "body": dumps(body),
         }
-        if self.business_key is not None:
-            fields["business_key"] = self.business_key
-        return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes]) -> Command:
         """Parse an entry; raises :class:`BadMessage` saying what is wrong with it."""
         f = _Fields(fields)
-        f.check_version()
+        command, saga_id, correlation_id = f.text("command"), f.saga_id(), f.text("correlation_id")
+        body = f.body()
         return cls(
-            command=f.text("command"),
-            saga_id=f.saga_id(),
-            saga_name=f.text("saga_name"),
-            step=f.text("step"),
-            step_index=f.number("step_index"),
-            phase=f.phase(),
-            attempt=f.number("attempt"),
-            idempotency_key=f.text("idempotency_key"),
-            correlation_id=f.text("correlation_id"),
-            business_key=f.optional("business_key"),
-            deadline_at=f.number("deadline_at"),
-            sent_at=f.number("sent_at"),
-            payload=f.json("payload"),
-            outputs=f.json_object("outputs"),
-            output=f.json("output"),
+            command=command,
+            saga_id=saga_id,
+            correlation_id=correlation_id,
+            saga_name=body.text("saga_name"),
+            step=body.text("step"),
+            step_index=body.number("step_index"),
+            phase=body.phase(),
+            attempt=body.number("attempt"),
+            idempotency_key=body.text("idempotency_key"),
+            business_key=body.optional_text("business_key"),
+            deadline_at=body.number("deadline_at"),
+            sent_at=body.number("sent_at"),
+            payload=body.get("payload"),
+            outputs=body.mapping("outputs"),
+            output=body.get("output"),
         )
 
 
@@ -197,53 +200,54 @@ class Reply:
         )
 
     def to_fields(self) -> dict[str, str]:
-        fields = {
+        body = {
+            "step": self.step,
+            "step_index": self.step_index,
+            "phase": str(self.phase),
+            "attempt": self.attempt,
+            "command": self.command,
+            "output": self.output,
+            "error": self.error,
+            "traceback": self.traceback,
+            "participant": self.participant,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+        return {
             "v": WIRE_VERSION,
             "saga_id": self.saga_id,
-            "step": self.step,
-            "step_index": str(self.step_index),
-            "phase": str(self.phase),
-            "attempt": str(self.attempt),
             "correlation_id": self.correlation_id,
-            "command": self.command,
             "outcome": str(self.outcome),
-            "output": dumps(self.output),
-            "participant": self.participant,
-            "started_at": str(self.started_at),
-            "finished_at": str(self.finished_at),
+            "body": dumps(body),
         }
-        if self.error is not None:
-            fields["error"] = self.error
-        if self.traceback is not None:
-            fields["traceback"] = self.traceback
-        return fields
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes]) -> Reply:
         """Parse an entry; raises :class:`BadMessage` saying what is wrong with it."""
         f = _Fields(fields)
-        f.check_version()
         outcome = f.text("outcome")
         if outcome not in Outcome.__members__.values():
             raise BadMessage(f"outcome {outcome[:40]!r} is none of {', '.join(Outcome)}")
+        saga_id, correlation_id = f.saga_id(), f.text("correlation_id")
+        body = f.body()
         reply = cls(
-            saga_id=f.saga_id(),
-            step=f.text("step"),
-            step_index=f.number("step_index"),
-            phase=f.phase(),
-            attempt=f.number("attempt"),
-            correlation_id=f.text("correlation_id"),
-            command=f.text("command"),
+            saga_id=saga_id,
+            correlation_id=correlation_id,
             outcome=Outcome(outcome),
-            output=f.json("output"),
-            error=f.optional("error"),
-            traceback=f.optional("traceback"),
-            participant=f.optional("participant") or "",
-            started_at=f.number("started_at", default=0),
-            finished_at=f.number("finished_at", default=0),
+            step=body.text("step"),
+            step_index=body.number("step_index"),
+            phase=body.phase(),
+            attempt=body.number("attempt"),
+            command=body.text("command"),
+            output=body.get("output"),
+            error=body.optional_text("error"),
+            traceback=body.optional_text("traceback"),
+            participant=body.optional_text("participant") or "",
+            started_at=body.number("started_at", default=0),
+            finished_at=body.number("finished_at", default=0),
         )
         if reply.outcome is not Outcome.SUCCESS and not reply.error:
-            raise BadMessage(f"a {reply.outcome} reply needs an error field")
+            raise BadMessage(f"a {reply.outcome} reply needs an error")
         return reply
 
     def failure(self) -> Failure:
@@ -257,8 +261,6 @@ class _Fields:
 
     def __init__(self, fields: Mapping[bytes, bytes]) -> None:
         self.fields = fields
-
-    def check_version(self) -> None:
         version = self.optional("v")
         if version != WIRE_VERSION:
             raise BadMessage(f"wire version {version!r}, this code reads {WIRE_VERSION!r}")
@@ -274,19 +276,10 @@ class _Fields:
 
     def text(self, name: str) -> str:
         value = self.optional(name)
-        if value is None or not value:
+        if not value:
             names = ", ".join(k.decode("utf-8", "replace") for k in self.fields) or "none"
             raise BadMessage(f"no {name} field (fields: {names})")
         return value
-
-    def number(self, name: str, default: int | None = None) -> int:
-        value = self.optional(name)
-        if value is None and default is not None:
-            return default
-        try:
-            return int(self.text(name))
-        except ValueError:
-            raise BadMessage(f"{name} {value!r} is not a whole number") from None
 
     def saga_id(self) -> str:
         value = self.text("saga_id")
@@ -294,27 +287,56 @@ class _Fields:
             raise BadMessage(f"saga_id {value[:60]!r} is not a saga id (a UUID)")
         return value.lower()
 
+    def body(self) -> _Body:
+        text = self.text("body")
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise BadMessage(f"body is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise BadMessage("body is not a JSON object")
+        return _Body(value)
+
+
+class _Body:
+    """Typed access to the JSON body of an entry."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def get(self, name: str) -> Any:
+        return self.values.get(name)
+
+    def optional_text(self, name: str) -> str | None:
+        value = self.values.get(name)
+        if value is not None and not isinstance(value, str):
+            raise BadMessage(f"body.{name} is not text")
+        return value
+
+    def text(self, name: str) -> str:
+        value = self.optional_text(name)
+        if not value:
+            raise BadMessage(f"body.{name} is missing")
+        return value
+
+    def number(self, name: str, default: int | None = None) -> int:
+        value = self.values.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadMessage(f"body.{name} {value!r} is not a whole number")
+        return value
+
     def phase(self) -> Phase:
-        value = self.text("phase")
-        if value not in Phase.__members__.values():
-            raise BadMessage(f"phase {value[:40]!r} is neither action nor compensate")
+        value = self.values.get("phase")
+        if not isinstance(value, str) or value not in Phase.__members__.values():
+            raise BadMessage(f"body.phase {value!r} is neither action nor compensate")
         return Phase(value)
 
-    def json(self, name: str) -> Any:
-        value = self.optional(name)
-        if value is None:
-            return None
-        try:
-            return json.loads(value)
-        except ValueError as exc:
-            raise BadMessage(f"{name} is not JSON: {exc}") from None
-
-    def json_object(self, name: str) -> dict[str, Any]:
-        value = self.json(name)
+    def mapping(self, name: str) -> dict[str, Any]:
+        value = self.values.get(name)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise BadMessage(f"{name} is not a JSON object")
+            raise BadMessage(f"body.{name} is not a JSON object")
         return value
 
 
@@ -452,24 +474,31 @@ class ReplyHandler:
     def _record_all(self, replies: Sequence[Reply]) -> list[Handled]:
         eng = self.engine
         results: list[Handled] = []
-        recorded: list[_Recorded] = []
+        changes: list[tuple[Instance, Transition]] = []
+        later: list[tuple[Run | None, Saga]] = []
         with eng.store.transaction() as conn:
             current = eng.store.load_many({r.saga_id for r in replies}, conn)
             now = eng.clock()
             for reply in replies:
                 with bound(reply.saga_id, reply.correlation_id):
-                    outcome, done = self._record(conn, current, reply, now)
+                    outcome, change = self._record(conn, current, reply, now)
                 results.append(outcome)
-                if done is not None:
-                    recorded.append(done)
-                    current[reply.saga_id] = done.saved  # a second reply sees the first
-        # The store's save counted the attempt for the metrics (engine.metrics).
-        self._after_commit(recorded)
+                if change is not None:
+                    inst, transition, nxt, defn = change
+                    changes.append((inst, transition))
+                    later.append((nxt, defn))
+                    # A second reply for the same saga in this batch sees the first.
+                    current[reply.saga_id] = replace(transition.instance, version=inst.version + 1)
+            saved = eng.store.save_many(changes, eng.owner, conn)
+        # The store's save counted the attempts for the metrics (engine.metrics).
+        self._after_commit(
+            [_Recorded(inst, nxt, defn) for inst, (nxt, defn) in zip(saved, later, strict=True)]
+        )
         return results
 
     def _record(
         self, conn: Connection, current: dict[str, Instance], reply: Reply, now: int
-    ) -> tuple[Handled, _Recorded | None]:
+    ) -> tuple[Handled, tuple[Instance, Transition, Run | None, Saga] | None]:
         eng = self.engine
         inst = current.get(reply.saga_id)
         if inst is None:
@@ -486,8 +515,7 @@ class ReplyHandler:
             log.info("saga %s: reply discarded: %s", inst.id, problem)
             return Handled.DISCARDED, None
         transition, nxt = self._next(_outcome(inst, defn, reply, now), defn, now)
-        saved = eng.store.save(inst, transition, eng.owner, conn=conn)
-        return Handled.RECORDED, _Recorded(saved, nxt, defn)
+        return Handled.RECORDED, (inst, transition, nxt, defn)
 
     def _next(self, transition: Transition, defn: Saga, now: int) -> tuple[Transition, Run | None]:
         """Begin the next attempt at once when it is remote (no lease is needed to send it)."""
@@ -655,16 +683,16 @@ def resend_in_flight(engine: SagaEngine, *, batch: int = 500) -> int:
         return 0
     now = engine.clock()
     dispatcher = Dispatcher(engine.bus, engine.clock)
+    ids = _waiting_ids(engine, now, remote, batch)
     sent = 0
-    for saga_id in _waiting_ids(engine, now, remote, batch):
-        try:
-            inst = engine.store.load(saga_id)
-        except SagaNotFound:
-            continue
-        defn = engine.registry.get(inst.saga_name, inst.saga_version)
-        flight = in_flight_remote(inst, defn, now)
-        if flight is not None and dispatcher.send(inst, flight[0], flight[1], defn):
-            sent += 1
+    for first in range(0, len(ids), batch):
+        attempts = []
+        for inst in engine.store.load_many(ids[first : first + batch]).values():
+            defn = engine.registry.get(inst.saga_name, inst.saga_version)
+            flight = in_flight_remote(inst, defn, now)
+            if flight is not None:
+                attempts.append((inst, flight[0], flight[1], defn))
+        sent += dispatcher.send_many(attempts)
     if sent:
         log.info("sent again %d commands whose attempts are in flight", sent)
     return sent

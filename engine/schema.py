@@ -46,6 +46,8 @@ instances = sa.Table(
     # Set by the stuck sweep when the instance made no progress for longer than
     # its current step is expected to take (plus grace); cleared on progress.
     sa.Column("stuck_since", Millis, nullable=True),
+    # 'orchestrated' (run by the engine) or 'choreographed' (tracked from domain events).
+    sa.Column("kind", sa.String(20), nullable=False, server_default="orchestrated"),
     sa.Index(
         "ix_saga_instances_due",
         "next_run_at",
@@ -307,4 +309,21 @@ signals = sa.Table(
     sa.Column("data", JsonType, nullable=True),
     sa.Column("received_at", Millis, nullable=False),
     sa.Column("sent_by", sa.String(200), nullable=False),
+)
+
+# Choreography (migration 0007): domain events a handler kept failing on, or
+# that could not be read, with the reason; the console lists them.
+event_dead_letters = sa.Table(
+    "saga_event_dead_letters",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", Millis, nullable=False),
+    sa.Column("handler", sa.String(200), nullable=False),
+    sa.Column("event_id", sa.String(200), nullable=True),
+    sa.Column("event_type", sa.String(200), nullable=True),
+    sa.Column("correlation_id", sa.String(200), nullable=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("fields", JsonType, nullable=True),
+    sa.Index("ix_saga_event_dead_letters_at", "at"),
 )

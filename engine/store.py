@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from engine import metrics
 from engine import schema as t
 from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
-from engine.model import Event, EventKind, Instance, StepState, Transition
+from engine.model import Event, EventKind, Instance, StepState, Transition, now_ms
 from engine.states import ACTIVE_STATES, CompensationStatus, Phase, SagaState, StepStatus
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,51 @@ class Store:
         lease = {"lease_owner": None, "lease_expires_at": None} if release else {}
         return _replace(new, version=old.version + 1, **lease)
 
+    def save_many(
+        self, changes: Sequence[tuple[Instance, Transition]], actor: str, conn: Connection
+    ) -> list[Instance]:
+        """:meth:`save` for many instances in one go (no lease check): one statement each for
+        the instances, their steps and their events, so a batch costs a few round trips.
+
+        Raises ConcurrencyConflict, without saying which, if any of them moved
+        on: the caller's transaction must then be rolled back as a whole.
+        Changes to one instance may follow each other, each on the last.
+        """
+        if not changes:
+            return []
+        params = []
+        for old, transition in changes:
+            row = _instance_changes(transition.instance)
+            row.update(b_id=old.id, b_version=old.version, b_owner=None)
+            params.append(row)
+        done = conn.execute(_SAVE[False, False], params).rowcount
+        if done != len(params):
+            first = changes[0][0]
+            raise ConcurrencyConflict(
+                first.id, first.version, None, f"{len(params) - done} of a batch moved on"
+            )
+        steps = [
+            {"b_saga_id": new.id, "b_index": st.index, **_step_values(st)}
+            for old, tr in changes
+            for new in (tr.instance,)
+            for st, before in zip(new.steps, old.steps, strict=True)
+            if st != before
+        ]
+        if steps:
+            conn.execute(_UPDATE_STEP, steps)
+        events = [
+            _event_row(tr.instance, ev, actor, tr.instance.updated_at)
+            for _, tr in changes
+            for ev in tr.events
+        ]
+        if events:
+            conn.execute(t.events.insert(), events)
+        for old, tr in changes:
+            if tr.dead_letter is not None:
+                self._insert_dead_letter(conn, tr.instance, tr, tr.instance.updated_at)
+            metrics.transition_saved(old, tr.instance, tr.events)
+        return [_replace(tr.instance, version=old.version + 1) for old, tr in changes]
+
     def set_payload(self, saga_id: str, payload: Any, conn: Connection) -> None:
         """Replace an instance's payload, inside the transaction that saved an operator's
         edit (:meth:`save` never writes the payload: it does not change as a saga runs)."""
@@ -237,6 +282,39 @@ class Store:
         """Append events without touching the instance (a late result, a note)."""
         with self._tx(conn) as c:
             self._append_events(c, inst, events, actor, now)
+
+    def add_event_dead_letter(
+        self,
+        *,
+        handler: str,
+        event_id: str | None,
+        event_type: str | None,
+        correlation_id: str | None,
+        reason: str,
+        attempts: int,
+        fields: dict[str, str] | None,
+    ) -> None:
+        """Record a domain event a handler gave up on, or could not read (choreography)."""
+        with self.transaction() as c:
+            c.execute(
+                t.event_dead_letters.insert().values(
+                    at=now_ms(),
+                    handler=handler[:200],
+                    event_id=event_id[:200] if event_id else None,
+                    event_type=event_type[:200] if event_type else None,
+                    correlation_id=correlation_id[:200] if correlation_id else None,
+                    reason=reason,
+                    attempts=attempts,
+                    fields=fields,
+                )
+            )
+
+    def event_dead_letters(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Dead-lettered domain events, newest first."""
+        d = t.event_dead_letters.c
+        with self.db.connect() as c:
+            rows = c.execute(sa.select(t.event_dead_letters).order_by(d.id.desc()).limit(limit))
+            return [dict(r) for r in rows.mappings()]
 
     # -- leases -------------------------------------------------------------
 
@@ -602,6 +680,17 @@ class Store:
         )
         return _instance_from_rows(row, step_rows)
 
+    def find_by_key(self, saga_name: str, idempotency_key: str) -> Instance | None:
+        """The instance of ``saga_name`` started with ``idempotency_key``, if any."""
+        i = t.instances.c
+        with self.db.connect() as c:
+            saga_id = c.execute(
+                sa.select(i.id).where(
+                    i.saga_name == saga_name, i.idempotency_key == idempotency_key
+                )
+            ).scalar_one_or_none()
+            return None if saga_id is None else self._load(c, saga_id)
+
     def _find_by_idempotency_key(self, c: Connection, name: str, key: str | None) -> Instance:
         i = t.instances.c
         saga_id = c.execute(
@@ -930,6 +1019,7 @@ def _instance_row(inst: Instance) -> dict[str, Any]:
         created_at=inst.created_at,
         lease_owner=inst.lease_owner,
         lease_expires_at=inst.lease_expires_at,
+        kind=inst.kind,
     )
     return row
 
@@ -1001,6 +1091,7 @@ def _instance_from_rows(row: Any, step_rows: Sequence[Any]) -> Instance:
         next_run_at=row["next_run_at"],
         lease_owner=row["lease_owner"],
         lease_expires_at=row["lease_expires_at"],
+        kind=row["kind"],
     )
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from engine import Queries, SagaEngine, SagaState, Settings, logs
+from engine import Queries, SagaEngine, SagaState, Settings, logs, migrate
 from engine import schema as t
 from engine import settings as settings_module
 from engine.cli import main
@@ -587,3 +588,37 @@ def test_docs_cli_covers_every_command() -> None:
 
     assert sorted(set(main.commands) - documented) == []
     assert {"upgrade", "current"} <= documented
+
+
+@contextmanager
+def _store_at_revision(url: str, revision: str) -> Iterator[None]:
+    """Pretend the store is at ``revision``; put the real one back afterwards."""
+
+    def set_to(value: str) -> None:
+        db = sa.create_engine(url)
+        with db.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": value})
+        db.dispose()
+
+    real = migrate.current(url)
+    assert real is not None
+    set_to(revision)
+    try:
+        yield
+    finally:
+        set_to(real)
+
+
+def test_a_store_upgraded_by_a_newer_release_still_serves(saga: Any, store_url: str) -> None:
+    # A rolling deploy upgrades the schema first; the old release must keep working.
+    with _store_at_revision(store_url, "9999_from_the_future"):
+        result = saga("list", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["instances"] == []
+
+
+def test_a_store_behind_the_code_is_refused_with_the_fix(saga: Any, store_url: str) -> None:
+    with _store_at_revision(store_url, "0002"):
+        result = saga("list")
+    assert result.exit_code == 1
+    assert "is at schema 0002" in result.stderr and "saga db upgrade" in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import redis
 from click.testing import CliRunner
 
 from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext
-from engine.bus import PARTICIPANTS, WORKERS, RedisBus
+from engine.bus import PARTICIPANTS, WORKERS, CommandBus, InProcessBus, RedisBus
 from engine.cli import main
 from engine.participant import ParticipantService
 from engine.queries import EventRecord
@@ -310,6 +311,54 @@ def test_in_process_and_remote_steps_mix(embedded: Deployment, participant: Part
     effects_once(participant)
 
 
+def test_a_batch_of_replies_is_recorded_in_one_go(
+    embedded: Deployment, participant: Participant
+) -> None:
+    from engine.remote import Handled, Outcome, Reply, ReplyHandler
+
+    engine = embedded.engine(remote_travel())
+    ids = [engine.start("rtravel", {}).id for _ in range(3)]  # each sends its hotel command
+    bus = embedded.bus
+    commands = [
+        Command.from_fields(e.fields)
+        for e in bus.read([bus.commands_stream("hotel")], PARTICIPANTS, "test", 10, 0)
+    ]
+    assert sorted(c.saga_id for c in commands) == sorted(ids)
+    replies = [Reply.to(c, Outcome.SUCCESS, output={"n": n}) for n, c in enumerate(commands)]
+
+    handled = ReplyHandler(engine).handle_batch([*replies, replies[0]])  # one repeated
+
+    assert handled == [Handled.RECORDED] * 3 + [Handled.DISCARDED]
+    for n, command in enumerate(commands):
+        inst = engine.get(command.saga_id)
+        assert inst.steps[0].output == {"n": n}
+        assert inst.steps[1].attempts == 1  # the flight began in the same transaction
+    flights = bus.read([bus.commands_stream("flight")], PARTICIPANTS, "test", 10, 0)
+    assert sorted(Command.from_fields(e.fields).saga_id for e in flights) == sorted(ids)
+    [repeat] = events(engine, commands[0].saga_id, "result_discarded")
+    assert repeat.detail is not None and "moved on to 'flight'" in repeat.detail["why"]
+
+
+def test_a_stale_batch_is_refused_whole(embedded: Deployment) -> None:
+    from engine.decide import record_success
+    from engine.errors import ConcurrencyConflict
+
+    engine = embedded.engine(remote_travel())
+    first, second = (engine.get(engine.start("rtravel", {}).id) for _ in range(2))
+    defn = engine.registry.latest("rtravel")
+    now = engine.clock()
+    stale = replace(second, version=second.version - 1)
+    changes = [
+        (first, record_success(first, defn, now, {"ok": 1})),
+        (stale, record_success(stale, defn, now, {"ok": 2})),
+    ]
+
+    with pytest.raises(ConcurrencyConflict), engine.store.transaction() as conn:
+        engine.store.save_many(changes, "test", conn)
+
+    assert engine.get(first.id) == first  # rolled back with the rest
+
+
 def test_run_inline_hands_a_remote_step_to_the_participant(
     embedded: Deployment, participant: Participant
 ) -> None:
@@ -414,11 +463,15 @@ def test_malformed_commands_and_replies_become_poison_records(
 
     client.xadd(f"{prefix}:commands:hotel", {"hello": "world"})
     client.xadd(f"{prefix}:commands:hotel", {"v": "1", "command": "hotel.do", "saga_id": "x"})
+    client.xadd(
+        f"{prefix}:commands:hotel",
+        {"v": "1", "command": "hotel.do", "saga_id": healthy, "correlation_id": "c", "body": "{"},
+    )
     client.xadd(f"{prefix}:replies", {"v": "1", "outcome": "success", "saga_id": b"\x80\x81"})
     client.xadd(f"{prefix}:replies", {"v": "1", "saga_id": healthy, "outcome": "maybe"})
 
     poison = f"{prefix}:poison"
-    wait_for(lambda: client.xlen(poison) == 4)
+    wait_for(lambda: client.xlen(poison) == 5)
     records = {r[1][b"source_stream"].decode(): [] for r in client.xrange(poison)}
     for _, fields in client.xrange(poison):
         records[fields[b"source_stream"].decode()].append(fields[b"reason"].decode())
@@ -427,6 +480,7 @@ def test_malformed_commands_and_replies_become_poison_records(
         "no command field" in r or "wire version" in r for r in records[f"{prefix}:commands:hotel"]
     )
     assert any("not a saga id" in r for r in records[f"{prefix}:commands:hotel"])
+    assert any("body is not JSON" in r for r in records[f"{prefix}:commands:hotel"])
     assert any("not UTF-8" in r for r in records[f"{prefix}:replies"])
     assert any("outcome 'maybe'" in r for r in records[f"{prefix}:replies"])
     raw = [f for _, f in client.xrange(poison) if f.get(b"raw:hello") == b"world"]
@@ -567,3 +621,96 @@ def test_the_remote_example_runs_without_redis(sqlite_url: str) -> None:
         assert compensation_order(engine, undone) == ["rent_car", "book_flight", "reserve_hotel"]
     finally:
         engine.close()
+
+
+# -- the bus contract: in-process queues and Redis streams -------------------------
+
+
+class BusContract:
+    """What remote steps rely on from any command bus."""
+
+    @pytest.fixture
+    def bus(self) -> Iterator[CommandBus]:
+        raise NotImplementedError
+
+    def test_what_is_sent_is_read_with_its_fields(self, bus: CommandBus) -> None:
+        stream = bus.commands_stream("hotel")
+        bus.send(stream, {"a": "1", "text": "héllo"})
+        [entry] = bus.read([stream], PARTICIPANTS, "c1", 10, 1.0)
+        assert entry.stream == stream and dict(entry.fields) == {
+            b"a": b"1",
+            b"text": "héllo".encode(),
+        }
+
+    def test_reads_cover_several_streams_and_at_most_count(self, bus: CommandBus) -> None:
+        hotel, car = bus.commands_stream("hotel"), bus.commands_stream("car")
+        bus.send_many([(hotel, {"n": str(n)}) for n in range(3)] + [(car, {"n": "9"})])
+        first = bus.read([hotel, car], PARTICIPANTS, "c1", 2, 1.0)
+        rest = bus.read([hotel, car], PARTICIPANTS, "c1", 10, 1.0)
+        assert len(first) == 2
+        assert sorted(e.fields[b"n"] for e in first + rest) == [b"0", b"1", b"2", b"9"]
+
+    def test_an_empty_read_waits_then_returns_nothing(self, bus: CommandBus) -> None:
+        assert bus.read([bus.replies_stream], WORKERS, "c1", 10, 0.05) == []
+
+    def test_readers_of_one_group_share_the_entries(self, bus: CommandBus) -> None:
+        stream = bus.replies_stream
+        bus.send_many([(stream, {"n": str(n)}) for n in range(4)])
+        one = bus.read([stream], WORKERS, "c1", 2, 1.0)
+        two = bus.read([stream], WORKERS, "c2", 10, 1.0)
+        assert sorted(e.id for e in one + two) == sorted({e.id for e in one + two})
+        assert len(one + two) == 4
+
+    def test_send_and_ack_replies_and_acknowledges(self, bus: CommandBus) -> None:
+        stream = bus.commands_stream("hotel")
+        bus.send(stream, {"cmd": "x"})
+        [command] = bus.read([stream], PARTICIPANTS, "c1", 1, 1.0)
+        bus.send_and_ack(bus.replies_stream, {"re": "x"}, PARTICIPANTS, command)
+        [reply] = bus.read([bus.replies_stream], WORKERS, "w1", 1, 1.0)
+        assert reply.fields == {b"re": b"x"}
+
+    def test_a_poisoned_entry_is_not_delivered_again(self, bus: CommandBus) -> None:
+        stream = bus.replies_stream
+        bus.send(stream, {"junk": "yes"})
+        [entry] = bus.read([stream], WORKERS, "w1", 1, 1.0)
+        bus.poison(WORKERS, entry, "junk")
+        assert bus.read([stream], WORKERS, "w2", 10, 0.05) == []
+
+
+class TestInProcessBus(BusContract):
+    @pytest.fixture
+    def bus(self) -> Iterator[CommandBus]:
+        made = InProcessBus()
+        yield made
+        assert [reason for _, reason in made.poisoned] in ([], ["junk"])
+
+
+@pytest.mark.redis
+class TestRedisBus(BusContract):
+    @pytest.fixture
+    def bus(self, redis_url: str, prefix: str, client: redis.Redis) -> Iterator[CommandBus]:
+        made = RedisBus(redis_url, prefix=prefix, claim_idle_seconds=0.2)
+        yield made
+        made.close()
+
+    def test_an_unacknowledged_entry_is_taken_over_by_another_reader(self, bus: CommandBus) -> None:
+        stream = bus.commands_stream("hotel")
+        bus.send(stream, {"n": "1"})
+        [taken] = bus.read([stream], PARTICIPANTS, "dies", 1, 1.0)
+        time.sleep(0.3)  # past the idle threshold
+        [again] = bus.read([stream], PARTICIPANTS, "lives", 1, 1.0)
+        assert again.id == taken.id
+        bus.ack(PARTICIPANTS, [again])
+        time.sleep(0.3)
+        assert bus.read([stream], PARTICIPANTS, "third", 1, 0.05) == []
+
+    def test_a_lost_group_is_made_again_and_counted(
+        self, bus: CommandBus, client: redis.Redis
+    ) -> None:
+        stream = bus.replies_stream
+        bus.read([stream], WORKERS, "w1", 1, 0.05)
+        made = bus.groups_created
+        client.flushdb()
+        bus.send(stream, {"after": "flush"})
+        [entry] = bus.read([stream], WORKERS, "w1", 1, 1.0)
+        assert entry.fields == {b"after": b"flush"} and bus.groups_created == made + 1
