@@ -9,6 +9,7 @@ same on PostgreSQL and SQLite.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -196,11 +197,39 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _IdClock:
+    """The (millisecond, counter) of the last id, so ids made in one process only grow.
+
+    RFC 9562 lets version 7 use its 12 ``rand_a`` bits as a counter within a
+    millisecond: two instances started in the same millisecond still list in
+    the order they were started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = (0, 0)
+
+    def next(self, ms: int) -> tuple[int, int]:
+        with self._lock:
+            last_ms, counter = self._last
+            if ms > last_ms:
+                counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # room to count up
+            elif counter < 0xFFF:
+                ms, counter = last_ms, counter + 1
+            else:  # 4,096 ids in one millisecond: borrow the next one
+                ms, counter = last_ms + 1, 0
+            self._last = (ms, counter)
+            return ms, counter
+
+
+_id_clock = _IdClock()
+
+
 def new_id(at_ms: int | None = None) -> str:
-    """A time-ordered UUID (version 7 layout), so ids sort by creation time."""
-    ms = now_ms() if at_ms is None else at_ms
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    """A time-ordered UUID (version 7 layout); ids from one process strictly increase."""
+    ms, counter = _id_clock.next(now_ms() if at_ms is None else at_ms)
+    rand = int.from_bytes(os.urandom(8), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | counter << 64
     value |= 0b10 << 62 | rand & ((1 << 62) - 1)
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

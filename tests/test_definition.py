@@ -315,3 +315,13 @@ def _ctx() -> StepContext:
     return StepContext(
         "id", "trip", "corr", None, {}, {}, "hotel", Phase.ACTION, 1, "id:hotel:action"
     )
+
+
+def test_ids_made_in_one_process_strictly_increase() -> None:
+    import uuid
+
+    from engine.model import new_id
+
+    ids = [new_id(1_795_635_770_719) for _ in range(5000)]  # one millisecond, 5,000 ids
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i).version == 7 for i in ids)
