@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from engine.errors import InvalidInput, TransportError
 from engine.model import now_ms
+from engine.redis_transport import connect
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -50,8 +49,6 @@ WORKERS = "workers"
 
 RAW_PREFIX = b"raw:"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,100}")
-_SOCKET_TIMEOUT = 10.0
-_CONNECT_TIMEOUT = 2.0
 _MAX_BLOCK_SECONDS = 2.0
 _POISON_MAXLEN = 10_000
 
@@ -221,17 +218,7 @@ class RedisBus:
         self._claim_cursor: dict[str, str] = {}
         self._rotation = 0  # which streams a read of fewer entries than streams starts with
         self._lock = threading.Lock()
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            # One quick retry replaces a pooled connection Redis closed.
-            retry=Retry(NoBackoff(), 1),
-            protocol=2,
-            client_name=re.sub(r"[^\w.:@-]", "_", f"{prefix}:{client_name}")[:200],
-        )
-        kwargs = self._redis.connection_pool.connection_kwargs
-        self.where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        self._redis, self.where = connect(url, f"{prefix}:{client_name}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisBus:

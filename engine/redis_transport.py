@@ -70,6 +70,25 @@ class PoisonRecord:
     fields: dict[bytes, bytes]
 
 
+def connect(url: str, client_name: str) -> tuple[redis.Redis, str]:
+    """A Redis client set up the way every engine stream reader needs, and where it points."""
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=_SOCKET_TIMEOUT,
+        socket_connect_timeout=_CONNECT_TIMEOUT,
+        # One quick retry replaces a pooled connection Redis closed; more
+        # would stall a worker loop while Redis is down.
+        retry=Retry(NoBackoff(), 1),
+        # Answers in RESP2's shapes, whatever the URL asks for.
+        protocol=2,
+        # Names the process in CLIENT LIST; Redis allows no spaces there.
+        client_name=re.sub(r"[^\w.:@-]", "_", client_name)[:200],
+    )
+    kwargs = client.connection_pool.connection_kwargs
+    where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+    return client, where
+
+
 class RedisStreamsTransport:
     """The production transport: a Redis stream and a consumer group."""
 
@@ -97,20 +116,7 @@ class RedisStreamsTransport:
         self._next_claim = 0.0  # scan at once: a restarted worker may find a dead one's entries
         self._claim_cursor = "0-0"
         self._lock = threading.Lock()
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=_SOCKET_TIMEOUT,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            # One quick retry replaces a pooled connection Redis closed; more
-            # would stall the worker loop while Redis is down.
-            retry=Retry(NoBackoff(), 1),
-            # Answers in RESP2's shapes, whatever the URL asks for.
-            protocol=2,
-            # Names this worker in CLIENT LIST; Redis allows no spaces there.
-            client_name=re.sub(r"[^\w.:@-]", "_", f"{prefix}:{consumer}")[:200],
-        )
-        kwargs = self._redis.connection_pool.connection_kwargs
-        self.where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        self._redis, self.where = connect(url, f"{prefix}:{consumer}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RedisStreamsTransport:
