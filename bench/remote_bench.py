@@ -305,12 +305,13 @@ class Processes:
             time.sleep(0.05)
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time used so far by each process, this one (``bench``) and PostgreSQL's
-        backends (``postgres``, all of them, other clients' included) among them."""
+        """CPU time used so far by each process, this one (``bench``), PostgreSQL's
+        backends (``postgres``) and Redis (``redis``) among them, other clients' included."""
         tick = os.sysconf("SC_CLK_TCK")
         found = {name: _cpu(proc.pid, tick) for name, proc, _ in self.running}
         found["bench"] = _cpu(os.getpid(), tick)
-        found["postgres"] = sum(_cpu(pid, tick) for pid in _postgres_pids())
+        found["postgres"] = sum(_cpu(pid, tick) for pid in _named_pids("postgres"))
+        found["redis"] = sum(_cpu(pid, tick) for pid in _named_pids("redis-server"))
         return found
 
     def stop(self) -> None:
@@ -336,12 +337,12 @@ def _cpu(pid: int, tick: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
 
-def _postgres_pids() -> list[int]:
+def _named_pids(command: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
+                if (entry / "comm").read_text().strip() == command:
                     pids.append(int(entry.name))
             except OSError:
                 continue

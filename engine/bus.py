@@ -93,9 +93,9 @@ class CommandBus(Protocol):
         """Mark ``entries`` handled, so they are not delivered again."""
 
     def send_and_ack(
-        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+        self, entries: Sequence[tuple[str, Mapping[str, str]]], group: str, acks: Sequence[Entry]
     ) -> None:
-        """Append one entry, then acknowledge ``entry``, in one round trip where it can."""
+        """Append ``entries``, then acknowledge ``acks``, in one round trip where it can."""
 
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         """Set a malformed entry aside with ``reason``, and acknowledge it."""
@@ -175,9 +175,9 @@ class InProcessBus:
         return None  # an entry left its queue when it was read
 
     def send_and_ack(
-        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+        self, entries: Sequence[tuple[str, Mapping[str, str]]], group: str, acks: Sequence[Entry]
     ) -> None:
-        self.send(stream, fields)
+        self.send_many(entries)
 
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         log.warning("malformed entry %s on %s: %s; dropped", entry.id, entry.stream, reason)
@@ -244,13 +244,7 @@ class RedisBus:
             self._redis.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
 
     def send_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
-        if not entries:
-            return
-        with self._translate("send", ", ".join(sorted({stream for stream, _ in entries}))):
-            pipe = self._redis.pipeline(transaction=False)
-            for stream, fields in entries:
-                pipe.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.execute()
+        self.send_and_ack(entries, "", ())
 
     def read(
         self, streams: Sequence[str], group: str, consumer: str, count: int, timeout: float
@@ -268,22 +262,26 @@ class RedisBus:
                 return self._next_entries(streams, group, consumer, count, timeout)
 
     def ack(self, group: str, entries: Sequence[Entry]) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for entry in entries:
-            by_stream.setdefault(entry.stream, []).append(entry.id)
-        with self._translate("acknowledge", ", ".join(by_stream)):
-            for stream, ids in by_stream.items():
-                self._redis.xack(stream, group, *ids)
+        self.send_and_ack((), group, entries)
 
     def send_and_ack(
-        self, stream: str, fields: Mapping[str, str], group: str, entry: Entry
+        self, entries: Sequence[tuple[str, Mapping[str, str]]], group: str, acks: Sequence[Entry]
     ) -> None:
-        with self._translate("send", stream):
-            # Not a MULTI: if the XACK is lost the entry is delivered again, and the
-            # repeat is harmless (its effect is behind an idempotency key).
+        if not entries and not acks:
+            return
+        streams = sorted({stream for stream, _ in entries} | {entry.stream for entry in acks})
+        with self._translate("send to" if entries else "acknowledge on", ", ".join(streams)):
+            # Not a MULTI: if an XACK is lost its entry is delivered again, and the
+            # repeat is harmless (a repeated command meets its idempotency key, a
+            # repeated reply finds its attempt recorded and is discarded).
             pipe = self._redis.pipeline(transaction=False)
-            pipe.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.xack(entry.stream, group, entry.id)
+            for stream, fields in entries:
+                pipe.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            by_stream: dict[str, list[str]] = {}
+            for entry in acks:
+                by_stream.setdefault(entry.stream, []).append(entry.id)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, group, *ids)
             pipe.execute()
 
     def poison(self, group: str, entry: Entry, reason: str) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -174,7 +173,7 @@ class ParticipantRuntime:
         while not self._stopping.is_set():
             free = self._free_slots()
             if free == 0:
-                time.sleep(0.002)
+                self._wait_for_a_slot()
                 continue
             for entry in self._read(free):
                 self._take(entry)
@@ -301,7 +300,7 @@ class ParticipantRuntime:
         for attempt in range(1, attempts + 1):
             try:
                 self.bus.send_and_ack(
-                    self.bus.replies_stream, reply.to_fields(), PARTICIPANTS, entry
+                    [(self.bus.replies_stream, reply.to_fields())], PARTICIPANTS, [entry]
                 )
                 return True
             except TransportError as exc:
@@ -328,6 +327,12 @@ class ParticipantRuntime:
     def _count(self, what: str) -> None:
         with self._count_lock:
             self.counts[what] = self.counts.get(what, 0) + 1
+
+    def _wait_for_a_slot(self) -> None:
+        # Blocks rather than polls: a busy participant would otherwise wake
+        # hundreds of times a second only to find its handlers still busy.
+        if self._slots.acquire(timeout=0.1):
+            self._slots.release()
 
     def _free_slots(self) -> int:
         taken = 0

@@ -371,14 +371,20 @@ class Dispatcher:
             return False
         return True
 
-    def send_many(self, attempts: Sequence[tuple[Instance, int, Phase, Saga]]) -> int:
-        """Send several commands in one round trip; how many went (0 or all)."""
+    def send_many(
+        self, attempts: Sequence[tuple[Instance, int, Phase, Saga]], acks: Sequence[Entry] = ()
+    ) -> int:
+        """Send several commands in one round trip; how many went (0 or all).
+
+        ``acks``: replies to acknowledge in the same round trip, once recorded.
+        """
         now = self.clock()
         commands = [command_for(inst, i, phase, defn, now) for inst, i, phase, defn in attempts]
         entries = [(self.bus.commands_stream(c.service), c.to_fields()) for c in commands]
         try:
-            self.bus.send_many(entries)
+            self.bus.send_and_ack(entries, WORKERS, acks)
         except TransportError as exc:
+            # Replies left unacknowledged are taken over later and discarded as repeats.
             log.warning(
                 "%d commands not sent (%s); their attempts time out at their deadlines",
                 len(commands),
@@ -449,29 +455,33 @@ class ReplyHandler:
         """Record ``reply`` if it is for the attempt in flight (see :meth:`handle_batch`)."""
         return self.handle_batch([reply])[0]
 
-    def handle_batch(self, replies: Sequence[Reply]) -> list[Handled]:
+    def handle_batch(self, replies: Sequence[Reply], acks: Sequence[Entry] = ()) -> list[Handled]:
         """Record ``replies`` in one transaction, one commit for the lot; what became of each.
 
+        ``acks``, the entries the replies came in, are acknowledged once the
+        replies are recorded, with the commands that follow in one round trip.
         If an instance changed under the batch (a worker timed its attempt out
         meanwhile), the batch is rolled back and each reply is handled on its
-        own. Raises SQLAlchemyError if the store is unreachable: nothing was
-        written, so the replies can be handled again later.
+        own. Raises SQLAlchemyError if the store refused: nothing was written
+        and nothing acknowledged, so the replies can be handled again later.
         """
         try:
-            return retry_on_disconnect(lambda: self._record_all(replies))
+            return retry_on_disconnect(lambda: self._record_all(replies, acks))
         except ConcurrencyConflict:
-            return [self._one_by_one(reply) for reply in replies]
+            handled = [self._one_by_one(reply) for reply in replies]
+            self.dispatcher.send_many((), acks)
+            return handled
 
     def _one_by_one(self, reply: Reply) -> Handled:
         for _ in range(self.CONFLICT_RETRIES):
             try:
-                return retry_on_disconnect(lambda: self._record_all([reply]))[0]
+                return retry_on_disconnect(lambda: self._record_all([reply], ()))[0]
             except ConcurrencyConflict:
                 continue  # the instance moved on meanwhile: look at it again
         log.warning("saga %s: reply kept conflicting; its attempt will time out", reply.saga_id)
         return Handled.DISCARDED
 
-    def _record_all(self, replies: Sequence[Reply]) -> list[Handled]:
+    def _record_all(self, replies: Sequence[Reply], acks: Sequence[Entry]) -> list[Handled]:
         eng = self.engine
         results: list[Handled] = []
         changes: list[tuple[Instance, Transition]] = []
@@ -492,7 +502,8 @@ class ReplyHandler:
             saved = eng.store.save_many(changes, eng.owner, conn)
         # The store's save counted the attempts for the metrics (engine.metrics).
         self._after_commit(
-            [_Recorded(inst, nxt, defn) for inst, (nxt, defn) in zip(saved, later, strict=True)]
+            [_Recorded(inst, nxt, defn) for inst, (nxt, defn) in zip(saved, later, strict=True)],
+            acks,
         )
         return results
 
@@ -525,9 +536,10 @@ class ReplyHandler:
             return transition.then(begun), decision
         return transition, None
 
-    def _after_commit(self, recorded: Sequence[_Recorded]) -> None:
+    def _after_commit(self, recorded: Sequence[_Recorded], acks: Sequence[Entry]) -> None:
         self.dispatcher.send_many(
-            [(r.saved, r.nxt.index, r.nxt.phase, r.defn) for r in recorded if r.nxt is not None]
+            [(r.saved, r.nxt.index, r.nxt.phase, r.defn) for r in recorded if r.nxt is not None],
+            acks,
         )
         now = self.engine.clock()
         for r in recorded:
@@ -634,7 +646,9 @@ class ReplyListener:
                 self._poison(entry, str(exc))
         while good and not self._stop.is_set():
             try:
-                outcomes = self.handler.handle_batch([reply for _, reply in good])
+                outcomes = self.handler.handle_batch(
+                    [reply for _, reply in good], [entry for entry, _ in good]
+                )
             except SQLAlchemyError as exc:
                 # Nothing was written: keep the replies and try again.
                 log.warning("store error recording %d replies, retrying: %s", len(good), exc)
@@ -642,16 +656,8 @@ class ReplyListener:
                 continue
             for outcome in outcomes:
                 self.handled[outcome] += 1
-            self._ack([entry for entry, _ in good])
             return
         # Stopping with replies unrecorded: they stay pending for another worker.
-
-    def _ack(self, entries: list[Entry]) -> None:
-        try:
-            self.bus.ack(WORKERS, entries)
-        except TransportError as exc:
-            # They stay pending; taken over later, each finds its attempt ended: discarded.
-            log.warning("could not acknowledge %d replies: %s", len(entries), exc)
 
     def _poison(self, entry: Entry, reason: str) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -148,7 +148,7 @@ class Store:
         conn: Connection | None = None,
     ) -> tuple[Instance, bool]:
         """Insert a new instance; with an idempotency key already used, return that one."""
-        with self._tx(conn) as c:
+        with self._single_statement(conn) as c:
             inst = transition.instance
             if not self._insert_new(c, transition, actor):
                 existing = self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
@@ -204,8 +204,8 @@ class Store:
     def save_many(
         self, changes: Sequence[tuple[Instance, Transition]], actor: str, conn: Connection
     ) -> list[Instance]:
-        """:meth:`save` for many instances in one go (no lease check): one statement each for
-        the instances, their steps and their events, so a batch costs a few round trips.
+        """:meth:`save` for many instances in one go (no lease check), so that a batch
+        costs a few round trips, not a few per instance.
 
         Raises ConcurrencyConflict, without saying which, if any of them moved
         on: the caller's transaction must then be rolled back as a whole.
@@ -213,6 +213,17 @@ class Store:
         """
         if not changes:
             return []
+        self._save_batch(conn, changes, actor)
+        for old, tr in changes:
+            if tr.dead_letter is not None:
+                self._insert_dead_letter(conn, tr.instance, tr, tr.instance.updated_at)
+            metrics.transition_saved(old, tr.instance, tr.events)
+        return [_replace(tr.instance, version=old.version + 1) for old, tr in changes]
+
+    def _save_batch(
+        self, conn: Connection, changes: Sequence[tuple[Instance, Transition]], actor: str
+    ) -> None:
+        # One executemany each for the instances, their steps and their events.
         params = []
         for old, transition in changes:
             row = _instance_changes(transition.instance)
@@ -220,10 +231,7 @@ class Store:
             params.append(row)
         done = conn.execute(_SAVE[False, False], params).rowcount
         if done != len(params):
-            first = changes[0][0]
-            raise ConcurrencyConflict(
-                first.id, first.version, None, f"{len(params) - done} of a batch moved on"
-            )
+            raise _batch_conflict(changes, len(params) - done)
         steps = [
             {"b_saga_id": new.id, "b_index": st.index, **_step_values(st)}
             for old, tr in changes
@@ -233,18 +241,9 @@ class Store:
         ]
         if steps:
             conn.execute(_UPDATE_STEP, steps)
-        events = [
-            _event_row(tr.instance, ev, actor, tr.instance.updated_at)
-            for _, tr in changes
-            for ev in tr.events
-        ]
+        events = _batch_events(changes, actor)
         if events:
             conn.execute(t.events.insert(), events)
-        for old, tr in changes:
-            if tr.dead_letter is not None:
-                self._insert_dead_letter(conn, tr.instance, tr, tr.instance.updated_at)
-            metrics.transition_saved(old, tr.instance, tr.events)
-        return [_replace(tr.instance, version=old.version + 1) for old, tr in changes]
 
     def set_payload(self, saga_id: str, payload: Any, conn: Connection) -> None:
         """Replace an instance's payload, inside the transaction that saved an operator's
@@ -736,6 +735,10 @@ class Store:
             with self.db.begin() as c:
                 yield c
 
+    def _single_statement(self, conn: Connection | None) -> AbstractContextManager[Connection]:
+        """A transaction for work that is one statement where the backend can make it so."""
+        return self._tx(conn)
+
     def _conflict(self, c: Connection, old: Instance, owner: str | None) -> ConcurrencyConflict:
         i = t.instances.c
         row = c.execute(sa.select(i.version, i.lease_owner).where(i.id == old.id)).first()
@@ -834,6 +837,12 @@ class PostgresStore(Store):
 
     dialect = "postgresql"
 
+    def __init__(self, db: SAEngine) -> None:
+        super().__init__(db)
+        # The same pool; a connection taken through it runs each statement as
+        # its own transaction, and is set back when returned.
+        self._autocommit = db.execution_options(isolation_level="AUTOCOMMIT")
+
     def _insert_new(self, c: Connection, transition: Transition, actor: str) -> bool:
         # One round trip instead of three: on the inline path this statement
         # and the steps' own writes are all a saga costs before its commit.
@@ -846,6 +855,56 @@ class PostgresStore(Store):
             ),
         }
         return c.execute(_PG_INSERT_NEW, params).first() is not None
+
+    def _save_batch(
+        self, conn: Connection, changes: Sequence[tuple[Instance, Transition]], actor: str
+    ) -> None:
+        # One statement for the whole batch: a reply listener records dozens of
+        # replies per transaction, and a row-by-row executemany made PostgreSQL
+        # plan and run some eight statements per reply. Several changes to one
+        # instance become one update to its last state, its version moved by
+        # their number, since a single UPDATE sees each row once.
+        first: dict[str, Instance] = {}
+        last: dict[str, Instance] = {}
+        moves: dict[str, int] = {}
+        for old, transition in changes:
+            first.setdefault(old.id, old)
+            last[old.id] = transition.instance
+            moves[old.id] = moves.get(old.id, 0) + 1
+        instances = [
+            {
+                **_instance_changes(new),
+                "id": saga_id,
+                "b_version": first[saga_id].version,
+                "version": first[saga_id].version + moves[saga_id],
+            }
+            for saga_id, new in last.items()
+        ]
+        steps = [
+            _step_row(saga_id, st)
+            for saga_id, new in last.items()
+            for st, before in zip(new.steps, first[saga_id].steps, strict=True)
+            if st != before
+        ]
+        params = {
+            "instances": _json(instances),
+            "steps": _json(steps),
+            "events": _json(_batch_events(changes, actor)),
+        }
+        done = conn.execute(_PG_SAVE_MANY, params).scalar_one()
+        if done != len(instances):
+            raise _batch_conflict(changes, len(instances) - done)
+
+    @contextmanager
+    def _single_statement(self, conn: Connection | None) -> Iterator[Connection]:
+        # A new instance is one INSERT statement here, atomic on its own: run in
+        # autocommit it saves the BEGIN and the COMMIT, two of the three
+        # statements (and round trips) a start costs PostgreSQL.
+        if conn is not None:
+            yield conn
+            return
+        with self._autocommit.connect() as c:
+            yield c
 
     def _insert_instance(self, c: Connection, row: dict[str, Any]) -> bool:
         from sqlalchemy.dialects.postgresql import insert
@@ -860,12 +919,18 @@ class PostgresStore(Store):
         return query.with_for_update(skip_locked=True)
 
 
-def _populate(table: sa.Table, source: str, skip: tuple[str, ...] = ()) -> str:
+def _populate(
+    table: sa.Table,
+    source: str,
+    skip: tuple[str, ...] = (),
+    guard: str = "WHERE EXISTS (SELECT 1 FROM i) ",
+) -> str:
+    """INSERT the rows of the JSON array ``:source`` into ``table``, in their order."""
     cols = ", ".join(c.name for c in table.columns if c.name not in skip)
     return (
         f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM "
         f"jsonb_populate_recordset(NULL::{table.name}, CAST(:{source} AS jsonb)) "
-        "WITH ORDINALITY AS r WHERE EXISTS (SELECT 1 FROM i) ORDER BY r.ordinality"
+        f"WITH ORDINALITY AS r {guard}ORDER BY r.ordinality"
     )
 
 
@@ -877,6 +942,25 @@ _PG_INSERT_NEW = sa.text(
     f"s AS ({_populate(t.steps, 'steps')}), "
     f"e AS ({_populate(t.events, 'events', skip=('id',))}) "
     "SELECT id FROM i"
+)
+
+_CHANGE_TYPES = {"state": "text", "current_step": "integer"} | {
+    name: "bigint" for name in ("updated_at", "last_progress_at", "next_run_at")
+}
+_PG_SAVE_MANY = sa.text(
+    "WITH c AS (SELECT * FROM jsonb_to_recordset(CAST(:instances AS jsonb)) AS c(id text, "
+    "b_version integer, version integer, "
+    + ", ".join(f"{name} {kind}" for name, kind in _CHANGE_TYPES.items())
+    + ")), "
+    "i AS (UPDATE saga_instances AS x SET version = c.version, stuck_since = NULL, "
+    + ", ".join(f"{name} = c.{name}" for name in _CHANGE_TYPES)
+    + " FROM c WHERE x.id = c.id AND x.version = c.b_version RETURNING x.id), "
+    "s AS (UPDATE saga_steps AS x SET "
+    + ", ".join(f"{name} = r.{name}" for name in _STEP_FIELDS)
+    + " FROM jsonb_populate_recordset(NULL::saga_steps, CAST(:steps AS jsonb)) AS r "
+    "WHERE x.saga_id = r.saga_id AND x.step_index = r.step_index), "
+    f"e AS ({_populate(t.events, 'events', skip=('id',), guard='')}) "
+    "SELECT count(*) FROM i"
 )
 
 
@@ -1002,6 +1086,23 @@ def _sqlite_engine(url: str, echo: bool) -> SAEngine:
 
 
 # -- row mapping ------------------------------------------------------------
+
+
+def _batch_events(
+    changes: Sequence[tuple[Instance, Transition]], actor: str
+) -> list[dict[str, Any]]:
+    return [
+        _event_row(tr.instance, ev, actor, tr.instance.updated_at)
+        for _, tr in changes
+        for ev in tr.events
+    ]
+
+
+def _batch_conflict(
+    changes: Sequence[tuple[Instance, Transition]], moved: int
+) -> ConcurrencyConflict:
+    first = changes[0][0]
+    return ConcurrencyConflict(first.id, first.version, None, f"{moved} of a batch moved on")
 
 
 def _instance_row(inst: Instance) -> dict[str, Any]:

@@ -665,7 +665,7 @@ class BusContract:
         stream = bus.commands_stream("hotel")
         bus.send(stream, {"cmd": "x"})
         [command] = bus.read([stream], PARTICIPANTS, "c1", 1, 1.0)
-        bus.send_and_ack(bus.replies_stream, {"re": "x"}, PARTICIPANTS, command)
+        bus.send_and_ack([(bus.replies_stream, {"re": "x"})], PARTICIPANTS, [command])
         [reply] = bus.read([bus.replies_stream], WORKERS, "w1", 1, 1.0)
         assert reply.fields == {b"re": b"x"}
 

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine import schema as t
-from engine.decide import Run, begin_attempt, record_failure
+from engine.decide import Run, begin_attempt, record_failure, record_success
 from engine.errors import ConcurrencyConflict, SagaNotFound
 from engine.model import DeadLetter, Event, EventKind, Instance, Transition, new_id
 from engine.queries import Queries
@@ -272,6 +272,61 @@ class TestStoreContract:
         assert store.load(inst.id) == inst
         last = Queries(store).timeline(inst.id)[-1]
         assert (last.kind, last.at, last.detail) == ("result_discarded", T + 9, {"why": "late"})
+
+    # -- save_many (a batch of recorded replies) -------------------------------------
+
+    def test_save_many_stores_successive_changes_of_one_instance_and_others(
+        self, store: Store
+    ) -> None:
+        one, _ = store.create(fresh(), "api")
+        other, _ = store.create(fresh(), "api")
+        defn = build_saga("cpr")
+        begun = started(one, T + 1)
+        after_begin = replace(begun.instance, version=one.version + 1)
+        output = {"nested": [1, None, "é"], "text": "it's \"quoted\""}
+        succeeded = record_success(after_begin, defn, T + 2, output)
+        changes = [(one, begun), (after_begin, succeeded), (other, started(other, T + 3))]
+
+        with store.transaction() as conn:
+            saved = store.save_many(changes, "w1", conn)
+
+        assert [s.version for s in saved] == [2, 3, 2]
+        assert store.load(one.id) == saved[1]
+        assert store.load(other.id) == saved[2]
+        assert store.load(one.id).steps[0].output == output
+        assert [(e.kind, e.at, e.actor) for e in Queries(store).timeline(one.id)] == [
+            ("saga_started", T, "api"),
+            ("attempt_started", T + 1, "w1"),
+            ("attempt_succeeded", T + 2, "w1"),
+        ]
+
+    def test_save_many_refuses_the_whole_batch_when_one_moved_on(self, store: Store) -> None:
+        fine, _ = store.create(fresh(), "api")
+        moved, _ = store.create(fresh(), "api")
+        store.save(moved, started(moved, T + 1), "w2")  # now at version 2
+        changes = [(fine, started(fine, T + 2)), (moved, started(moved, T + 2))]
+
+        with (
+            pytest.raises(ConcurrencyConflict, match="1 of a batch moved on"),
+            store.transaction() as conn,
+        ):
+            store.save_many(changes, "w1", conn)
+
+        assert store.load(fine.id) == fine
+        assert count(store, t.events, saga_id=fine.id) == 1
+
+    def test_save_many_writes_a_dead_letter_with_the_state(self, store: Store) -> None:
+        inst, _ = store.create(fresh(), "api")
+        parked = replace(inst, state=SagaState.FAILED, updated_at=T + 1)
+        letter = DeadLetter(0, Phase.ACTION, "boom", None, 3)
+        tr = Transition(parked, (Event(EventKind.DEAD_LETTERED, 0),), dead_letter=letter)
+
+        with store.transaction() as conn:
+            store.save_many([(inst, tr)], "w1", conn)
+
+        assert store.load(inst.id).state is SagaState.FAILED
+        [dl] = Queries(store).dead_letters()
+        assert (dl.saga_id, dl.error, dl.attempts) == (inst.id, "boom", 3)
 
     # -- leases ---------------------------------------------------------------------
 
