@@ -283,7 +283,7 @@ class TestStoreContract:
         defn = build_saga("cpr")
         begun = started(one, T + 1)
         after_begin = replace(begun.instance, version=one.version + 1)
-        output = {"nested": [1, None, "é"], "text": "it's \"quoted\""}
+        output = {"nested": [1, None, "é"], "text": 'it\'s "quoted"'}
         succeeded = record_success(after_begin, defn, T + 2, output)
         changes = [(one, begun), (after_begin, succeeded), (other, started(other, T + 3))]
 
