@@ -426,8 +426,10 @@ def _serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
         return
     from engine import metrics
 
-    engine = cli.engine()
-    gauges = [metrics.StoreCollector(engine.store, engine.registry.names)] if store_gauges else []
+    gauges: list[metrics.StoreCollector] = []
+    if store_gauges:
+        engine = cli.engine()
+        gauges.append(metrics.StoreCollector(engine.store, engine.registry.names))
     server = metrics.serve(port, *gauges)
     cli._closers.append(server.shutdown)
     click.echo(f"metrics on http://0.0.0.0:{server.server_port}/metrics", err=True)
@@ -448,8 +450,17 @@ def _serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
     default=None,
     help="Commands handled at once (default: $SAGA_CONCURRENCY or 8).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Answer Prometheus scrapes at http://0.0.0.0:PORT/metrics (the saga_participant_* "
+    "series).",
+)
 @pass_cli
-def participant(cli: Cli, services: tuple[str, ...], concurrency: int | None) -> None:
+def participant(
+    cli: Cli, services: tuple[str, ...], concurrency: int | None, metrics_port: int | None
+) -> None:
     """Run participant handlers (-A modules) on commands and domain events from Redis until
     SIGTERM or Ctrl-C."""
     from engine.bus import RedisBus
@@ -493,6 +504,7 @@ def participant(cli: Cli, services: tuple[str, ...], concurrency: int | None) ->
     if events is not None:
         names = ", ".join(s.service for s in events.services)
         click.echo(f"participant {events.consumer}: events for {names}; Ctrl-C to stop", err=True)
+    _serve_metrics(cli, metrics_port, store_gauges=False)
     stop = threading.Event()
     with stop_on_signals(stop):
         if runtime is not None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from engine import metrics
 from engine.bus import Entry, RedisBus
 from engine.choreography import (
     Choreography,
@@ -494,6 +495,7 @@ class EventRuntime:
 
     def _malformed(self, service: EventHandlers, entry: Entry, reason: str) -> None:
         log.warning("malformed event %s for %s: %s", entry.id, service.service, reason)
+        metrics.malformed_entry(entry.stream)
         fields = _text_fields(entry)
         self.store.add_event_dead_letter(
             handler=service.service,

@@ -99,6 +99,43 @@ WORKER_ERRORS = Counter(
     "Instances a worker failed to advance for an unexpected reason (retried later).",
 )
 
+# -- participants (saga participant): what the services on the other end see ----------
+
+PARTICIPANT_COMMANDS = Counter(
+    "saga_participant_commands",
+    "Commands a participant took, by how it answered: success, retry (a failure worth "
+    "another attempt), fail (one no retry mends), or expired (arrived after its deadline, "
+    "dropped unanswered).",
+    ["command", "outcome"],
+)
+PARTICIPANT_HANDLER_DURATION = Histogram(
+    "saga_participant_handler_duration_seconds",
+    "How long participant handlers ran, by how they answered.",
+    ["command", "outcome"],
+    buckets=STEP_BUCKETS,
+)
+PARTICIPANT_COMMAND_WAIT = Histogram(
+    "saga_participant_command_wait_seconds",
+    "From the worker sending a command to its handler starting: the command queue's delay.",
+    ["command"],
+    buckets=STEP_BUCKETS,
+)
+PARTICIPANT_BUSY = Gauge(
+    "saga_participant_busy",
+    "Commands being handled now.",
+    multiprocess_mode="livesum",
+)
+PARTICIPANT_REPLIES_UNSENT = Counter(
+    "saga_participant_replies_unsent",
+    "Replies that could not be sent (Redis unreachable); their commands are delivered again.",
+    ["command"],
+)
+MALFORMED_ENTRIES = Counter(
+    "saga_malformed_entries",
+    "Malformed entries set aside as poison records, by the stream they came from.",
+    ["stream"],
+)
+
 _SAGA_COUNTERS = {
     EventKind.SAGA_STARTED: STARTED,
     EventKind.SAGA_COMPLETED: COMPLETED,
@@ -158,6 +195,26 @@ def _began(old: Instance | None, ev: Event) -> int | None:
 
 def duplicate_absorbed(scope: str) -> None:
     DUPLICATES_ABSORBED.labels(scope).inc()
+
+
+def command_answered(command: str, outcome: str, started_ms: int, finished_ms: int) -> None:
+    """A participant's handler answered ``command`` (``outcome``: success, retry, fail)."""
+    PARTICIPANT_COMMANDS.labels(command, outcome).inc()
+    seconds = max(0, finished_ms - started_ms) / 1000
+    PARTICIPANT_HANDLER_DURATION.labels(command, outcome).observe(seconds)
+
+
+def command_expired(command: str) -> None:
+    PARTICIPANT_COMMANDS.labels(command, "expired").inc()
+
+
+def command_waited(command: str, sent_ms: int, started_ms: int) -> None:
+    # Clocks of two hosts: a negative wait is skew, not time travel.
+    PARTICIPANT_COMMAND_WAIT.labels(command).observe(max(0, started_ms - sent_ms) / 1000)
+
+
+def malformed_entry(stream: str) -> None:
+    MALFORMED_ENTRIES.labels(stream).inc()
 
 
 # -- gauges read from the store at scrape time ----------------------------------------

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine import metrics
 from engine.bus import PARTICIPANTS, CommandBus, Entry, read_wait
 from engine.definition import COMMAND_NAME
 from engine.errors import DefinitionError, InvalidInput, NonRetryableError, TransportError
@@ -214,6 +215,7 @@ class ParticipantRuntime:
                 command.attempt,
             )
             self._count("expired")
+            metrics.command_expired(self._label(command.command))
             self._ack(entry)
             return
         self._slots.acquire()
@@ -222,13 +224,25 @@ class ParticipantRuntime:
     # -- running a command ----------------------------------------------------------
 
     def _serve(self, entry: Entry, command: Command) -> None:
+        metrics.PARTICIPANT_BUSY.inc()
         try:
             with bound(command.saga_id, command.correlation_id):
                 reply = self.execute(command)
+                label = self._label(command.command)
+                metrics.command_waited(label, command.sent_at, reply.started_at)
+                metrics.command_answered(label, reply.outcome, reply.started_at, reply.finished_at)
                 if self._reply(reply, entry):
                     self._count(reply.outcome)
+                else:
+                    metrics.PARTICIPANT_REPLIES_UNSENT.labels(label).inc()
         finally:
+            metrics.PARTICIPANT_BUSY.dec()
             self._slots.release()
+
+    def _label(self, command: str) -> str:
+        # Command names come off the wire: only the ones handled here become
+        # label values, so a stray producer cannot blow up the series count.
+        return command if self._handler(command) is not None else "unknown"
 
     def execute(self, command: Command) -> Reply:
         """Run ``command``'s handler and build the reply; never raises for the handler's errors."""
@@ -319,6 +333,7 @@ class ParticipantRuntime:
             log.warning("could not acknowledge command %s: %s", entry.id, exc)
 
     def _poison(self, entry: Entry, reason: str) -> None:
+        metrics.malformed_entry(entry.stream)
         try:
             self.bus.poison(PARTICIPANTS, entry, reason)
         except TransportError as exc:

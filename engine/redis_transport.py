@@ -32,6 +32,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from engine import metrics
 from engine.errors import InvalidInput, TransportError
 from engine.model import now_ms
 from engine.transport import Delivery
@@ -253,6 +254,7 @@ class RedisStreamsTransport:
             reason,
             self.poison_stream,
         )
+        metrics.malformed_entry(self.stream)
         record: dict[bytes, bytes | str | int] = {
             b"reason": reason,
             b"source_id": message_id,

@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from engine import metrics
 from engine import schema as t
 from engine.bus import WORKERS, CommandBus, Entry, read_wait
 from engine.decide import Run, begin_attempt, decide, record_failure, record_success, reply_problem
@@ -51,7 +52,7 @@ from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition
 from engine.redis_transport import is_saga_id
 from engine.states import ACTIVE_STATES, CompensationStatus, Phase, StepStatus
-from engine.store import dumps, retry_on_disconnect
+from engine.store import dumps, has_nul, retry_on_disconnect
 from engine.transport import ring
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 
 #: Version of the field layout of commands and replies.
 WIRE_VERSION = "1"
+
+
+#: Step indexes and attempt numbers are INTEGER columns.
+_INT32 = 2**31 - 1
 
 
 class BadMessage(ValueError):
@@ -150,9 +155,9 @@ class Command:
             correlation_id=correlation_id,
             saga_name=body.text("saga_name"),
             step=body.text("step"),
-            step_index=body.number("step_index"),
+            step_index=body.number("step_index", at_most=_INT32),
             phase=body.phase(),
-            attempt=body.number("attempt"),
+            attempt=body.number("attempt", at_most=_INT32),
             idempotency_key=body.text("idempotency_key"),
             business_key=body.optional_text("business_key"),
             deadline_at=body.number("deadline_at"),
@@ -235,9 +240,9 @@ class Reply:
             correlation_id=correlation_id,
             outcome=Outcome(outcome),
             step=body.text("step"),
-            step_index=body.number("step_index"),
+            step_index=body.number("step_index", at_most=_INT32),
             phase=body.phase(),
-            attempt=body.number("attempt"),
+            attempt=body.number("attempt", at_most=_INT32),
             command=body.text("command"),
             output=body.get("output"),
             error=body.optional_text("error"),
@@ -290,12 +295,20 @@ class _Fields:
     def body(self) -> _Body:
         text = self.text("body")
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_constant=_no_constant)
         except ValueError as exc:
             raise BadMessage(f"body is not JSON: {exc}") from None
         if not isinstance(value, dict):
             raise BadMessage("body is not a JSON object")
+        # What the store cannot keep is refused here, where it can be set aside,
+        # rather than failing the transaction that records a whole batch.
+        if "\\u0000" in text and has_nul(value):
+            raise BadMessage("body holds the NUL character (U+0000), which the store cannot keep")
         return _Body(value)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class _Body:
@@ -319,10 +332,12 @@ class _Body:
             raise BadMessage(f"body.{name} is missing")
         return value
 
-    def number(self, name: str, default: int | None = None) -> int:
+    def number(self, name: str, default: int | None = None, *, at_most: int = 2**63 - 1) -> int:
         value = self.values.get(name, default)
         if not isinstance(value, int) or isinstance(value, bool):
             raise BadMessage(f"body.{name} {value!r} is not a whole number")
+        if not 0 <= value <= at_most:
+            raise BadMessage(f"body.{name} {value} is out of range (0 to {at_most})")
         return value
 
     def phase(self) -> Phase:
@@ -650,6 +665,9 @@ class ReplyListener:
                     [reply for _, reply in good], [entry for entry, _ in good]
                 )
             except SQLAlchemyError as exc:
+                if refused_for_its_data(exc):
+                    self._isolate(good)
+                    return
                 # Nothing was written: keep the replies and try again.
                 log.warning("store error recording %d replies, retrying: %s", len(good), exc)
                 self._stop.wait(self.retry_seconds)
@@ -659,7 +677,21 @@ class ReplyListener:
             return
         # Stopping with replies unrecorded: they stay pending for another worker.
 
+    def _isolate(self, batch: list[tuple[Entry, Reply]]) -> None:
+        """The store refused the batch for what is in it: record the replies one by one
+        and set aside the ones it refuses, so one bad reply never blocks the others."""
+        for entry, reply in batch:
+            try:
+                outcome = self.handler.handle_batch([reply], [entry])
+            except SQLAlchemyError as exc:
+                if not refused_for_its_data(exc):
+                    continue  # stays pending; taken over once the store is back
+                self._poison(entry, f"the store refused it: {_first_line(exc)}")
+                continue
+            self.handled[outcome[0]] += 1
+
     def _poison(self, entry: Entry, reason: str) -> None:
+        metrics.malformed_entry(entry.stream)
         try:
             self.bus.poison(WORKERS, entry, reason)
         except TransportError as exc:
@@ -676,6 +708,18 @@ class ReplyListener:
             resend_in_flight(self.engine)
         except (SQLAlchemyError, TransportError) as exc:
             log.warning("could not send the commands in flight again: %s", exc)
+
+
+def refused_for_its_data(exc: SQLAlchemyError) -> bool:
+    """True when the store refused what it was given (a value out of range, a broken
+    constraint): trying the same again cannot help. Anything else (unreachable, busy,
+    a schema behind its code) may pass later, so it is tried again."""
+    return isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError)
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
 
 
 def resend_in_flight(engine: SagaEngine, *, batch: int = 500) -> int:

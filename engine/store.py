@@ -1209,16 +1209,17 @@ def dumps(value: Any) -> str:
     except (TypeError, ValueError) as exc:
         raise InvalidInput("JSON value", str(exc)) from exc
     # PostgreSQL's JSONB cannot hold U+0000 (SQLite can): refuse it on every store.
-    if "\\u0000" in text and _has_nul(value):
+    if "\\u0000" in text and has_nul(value):
         raise InvalidInput("JSON value", "text cannot contain the NUL character (U+0000)")
     return text
 
 
-def _has_nul(value: Any) -> bool:
+def has_nul(value: Any) -> bool:
+    """True if a string anywhere in the JSON value ``value`` holds U+0000 (JSONB cannot)."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
     if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
+        return any(has_nul(v) for v in value)
     return False

@@ -8,6 +8,7 @@ happened once however often a command was delivered.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext
@@ -24,7 +26,7 @@ from engine.bus import PARTICIPANTS, WORKERS, CommandBus, InProcessBus, RedisBus
 from engine.cli import main
 from engine.participant import ParticipantService
 from engine.queries import EventRecord
-from engine.remote import Command
+from engine.remote import Command, ReplyListener
 from engine.states import Phase
 from tests.conftest import empty_tables
 from tests.helpers.deploy import Deployment
@@ -492,6 +494,78 @@ def test_malformed_commands_and_replies_become_poison_records(
     wait_state(engine, after, SagaState.COMPLETED)
     assert not worker.stopping and runtime.counts["success"] >= 6
     effects_once(pg_participant)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"output": {"note": "a\x00b"}}, "NUL character"),
+        ({"attempt": 2**40}, "body.attempt 1099511627776 is out of range"),
+        ({"step_index": -1}, "body.step_index -1 is out of range"),
+    ],
+)
+def test_a_reply_the_store_could_not_keep_is_set_aside(
+    embedded: Deployment, body: dict[str, Any], problem: str
+) -> None:
+    from engine.remote import BadMessage, Outcome, Reply
+
+    engine = embedded.engine(remote_travel())
+    bus = embedded.bus
+    saga_id = engine.start("rtravel", {}).id
+    [entry] = bus.read([bus.commands_stream("hotel")], PARTICIPANTS, "test", 1, 0)
+    fields = Reply.to(Command.from_fields(entry.fields), Outcome.SUCCESS).to_fields()
+    fields["body"] = json.dumps({**json.loads(fields["body"]), **body})
+    raw = {k.encode(): v.encode() for k, v in fields.items()}
+
+    with pytest.raises(BadMessage, match=problem):
+        Reply.from_fields(raw)
+
+    listener = ReplyListener(engine).start()
+    bus.send(bus.replies_stream, fields)
+    wait_for(lambda: len(bus.poisoned) == 1)  # type: ignore[attr-defined]
+    listener.stop()
+    assert problem in bus.poisoned[0][1]  # type: ignore[attr-defined]
+    assert engine.get(saga_id).steps[0].attempts == 1  # nothing was recorded
+
+
+def test_a_reply_the_store_refuses_does_not_hold_up_the_batch(embedded: Deployment) -> None:
+    from engine.remote import Outcome, Reply
+
+    engine = embedded.engine(remote_travel())
+    bus = embedded.bus
+    ids = [engine.start("rtravel", {}).id for _ in range(3)]
+    commands = [
+        Command.from_fields(e.fields)
+        for e in bus.read([bus.commands_stream("hotel")], PARTICIPANTS, "test", 10, 0)
+    ]
+    pill = commands[1].saga_id
+
+    def refuse(conn: Any, cursor: Any, statement: str, params: Any, *args: Any) -> None:
+        # The store refuses whatever carries the pill, as PostgreSQL refuses a value
+        # out of range: a DataError, not an outage.
+        if "poison-pill" in repr(params):
+            raise sa.exc.DataError(statement, params, ValueError("value out of range"))
+
+    sa.event.listen(engine.store.db, "before_cursor_execute", refuse)
+    try:
+        for command in commands:
+            output = {"ref": "poison-pill" if command.saga_id == pill else "fine"}
+            bus.send(
+                bus.replies_stream, Reply.to(command, Outcome.SUCCESS, output=output).to_fields()
+            )
+        listener = ReplyListener(engine).start()
+        wait_for(lambda: len(bus.poisoned) == 1)  # type: ignore[attr-defined]
+        for saga_id in ids:
+            if saga_id != pill:
+                wait_for(lambda s=saga_id: engine.get(s).steps[0].output == {"ref": "fine"})
+        listener.stop()
+    finally:
+        sa.event.remove(engine.store.db, "before_cursor_execute", refuse)
+
+    [(entry, reason)] = bus.poisoned  # type: ignore[attr-defined]
+    assert Reply.from_fields(entry.fields).saga_id == pill
+    assert reason.startswith("the store refused it: value out of range")
+    assert engine.get(pill).steps[0].output is None
 
 
 @pytest.mark.redis
