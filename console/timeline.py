@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.definition import Saga
-from engine.model import EventKind, Instance
+from engine.model import EventKind, Instance, idempotency_key
 from engine.queries import EventRecord
 from engine.states import CompensationStatus, Phase, StepStatus
 
@@ -72,14 +72,8 @@ class StepView:
         return [a for a in self.attempts if a.phase == Phase.COMPENSATE.value]
 
 
-def idempotency_key(inst: Instance, step_name: str, phase: Phase) -> str:
-    """The key every attempt of this step and phase carries (see engine.definition)."""
-    suffix = "action" if phase is Phase.ACTION else "compensate"
-    return f"{inst.id}:{step_name}:{suffix}"
-
-
 def idempotency_keys(inst: Instance) -> list[str]:
-    return [idempotency_key(inst, s.name, p) for s in inst.steps for p in Phase]
+    return [idempotency_key(inst.id, s.name, p) for s in inst.steps for p in Phase]
 
 
 def build_steps(
@@ -108,8 +102,8 @@ def _step_view(
     inst: Instance, index: int, duplicates: Mapping[str, int], defn: Saga | None
 ) -> StepView:
     step = inst.steps[index]
-    action_key = idempotency_key(inst, step.name, Phase.ACTION)
-    compensate_key = idempotency_key(inst, step.name, Phase.COMPENSATE)
+    action_key = idempotency_key(inst.id, step.name, Phase.ACTION)
+    compensate_key = idempotency_key(inst.id, step.name, Phase.COMPENSATE)
     kind = str(defn.steps[index].kind) if defn is not None and index < len(defn.steps) else None
     return StepView(
         index=index,

@@ -34,7 +34,7 @@ from engine.decide import (
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
 from engine.logs import bound
-from engine.model import Event, EventKind, Failure, Instance, Transition
+from engine.model import Event, EventKind, Failure, Instance, Transition, idempotency_key
 from engine.registry import Registry
 from engine.remote import Dispatcher
 from engine.signals import stored_signal
@@ -354,7 +354,7 @@ class Executor:
             step=name,
             phase=run.phase,
             attempt=run.attempt,
-            idempotency_key=f"{inst.id}:{name}:{run.phase}",
+            idempotency_key=idempotency_key(inst.id, name, run.phase),
             connection=conn,
         )
 

@@ -193,6 +193,13 @@ class StartRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def idempotency_key(saga_id: str, step: str, phase: Phase) -> str:
+    """The key every attempt of one side of one step carries (``<saga>:<step>:<phase>``):
+    stable across attempts and operator retries, so a participant's guard runs the
+    effect once however often the step is tried."""
+    return f"{saga_id}:{step}:{phase}"
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -49,7 +49,7 @@ from engine.decide import Run, begin_attempt, decide, record_failure, record_suc
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, TransportError, UnknownSaga
 from engine.logs import bound
-from engine.model import Event, EventKind, Failure, Instance, Transition
+from engine.model import Event, EventKind, Failure, Instance, Transition, idempotency_key
 from engine.redis_transport import is_saga_id
 from engine.states import ACTIVE_STATES, CompensationStatus, Phase, StepStatus
 from engine.store import dumps, has_nul, retry_on_disconnect
@@ -425,7 +425,7 @@ def command_for(inst: Instance, index: int, phase: Phase, defn: Saga, now: int) 
         step_index=index,
         phase=phase,
         attempt=step.attempts_of(phase),
-        idempotency_key=f"{inst.id}:{step.name}:{phase}",
+        idempotency_key=idempotency_key(inst.id, step.name, phase),
         correlation_id=inst.correlation_id,
         business_key=inst.business_key,
         deadline_at=deadline or now,

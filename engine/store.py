@@ -23,7 +23,15 @@ from sqlalchemy.exc import DBAPIError
 from engine import metrics
 from engine import schema as t
 from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
-from engine.model import Event, EventKind, Instance, StepState, Transition, now_ms
+from engine.model import (
+    Event,
+    EventKind,
+    Instance,
+    StepState,
+    Transition,
+    idempotency_key,
+    now_ms,
+)
 from engine.states import ACTIVE_STATES, CompensationStatus, Phase, SagaState, StepStatus
 
 log = logging.getLogger(__name__)
@@ -595,8 +603,9 @@ class Store:
 
     def purge_finished(self, before: int, limit: int) -> int:
         """Delete up to ``limit`` finished instances last updated before ``before``, oldest
-        first, with their steps, events and dead letters; the audit log stays. Returns how
-        many went."""
+        first, with their steps, events, dead letters and signals, and the idempotency keys
+        of their steps where participants keep them in this database; the audit log stays.
+        Returns how many went."""
         i = t.instances.c
         with self.transaction() as c:
             pick = (
@@ -608,7 +617,15 @@ class Store:
             ids = list(c.execute(self._lock_claimable(pick)).scalars())
             if not ids:
                 return 0
-            for table in (t.events, t.dead_letters, t.steps):
+            # A finished saga runs no step again, so its keys guard nothing any more.
+            steps = c.execute(
+                sa.select(t.steps.c.saga_id, t.steps.c.name).where(t.steps.c.saga_id.in_(ids))
+            )
+            keys = [idempotency_key(row.saga_id, row.name, p) for row in steps for p in Phase]
+            k = t.idempotency_keys.c
+            for first in range(0, len(keys), 1000):
+                c.execute(t.idempotency_keys.delete().where(k.key.in_(keys[first : first + 1000])))
+            for table in (t.events, t.dead_letters, t.signals, t.steps):
                 c.execute(table.delete().where(table.c.saga_id.in_(ids)))
             c.execute(t.instances.delete().where(i.id.in_(ids), _FINISHED_SQL))
         return len(ids)

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from engine import Retry, SagaEngine, SagaState
+from engine import IdempotencyGuard, Retry, SagaEngine, SagaState
 from engine import schema as t
 from engine.definition import StuckPolicy
-from engine.model import Instance
+from engine.model import Instance, idempotency_key
 from engine.queries import InstanceFilter, Queries
 from engine.states import Phase, StepStatus
 from engine.sweeps import SWEEPER, Sweeps
@@ -361,6 +361,28 @@ def test_retention_purges_old_finished_instances_and_keeps_the_audit_log(world: 
         SagaState.COMPLETED,
     ]
     assert row_counts(engine, old_failed)["saga_dead_letters"] == 1
+
+
+def keys_of(inst: Instance) -> list[str]:
+    return [idempotency_key(inst.id, s.name, phase) for s in inst.steps for phase in Phase]
+
+
+def test_retention_purges_the_idempotency_keys_of_the_purged_steps(world: World) -> None:
+    engine = world.engine(saga("trip"), retention_days=1.0)
+    old = engine.run("trip", {}).id
+    world.clock.advance(days=1, seconds=1)
+    recent = engine.run("trip", {}).id
+    guard = IdempotencyGuard(engine.store.db, scope="hotel")
+    for inst in (engine.get(old), engine.get(recent)):
+        for key in keys_of(inst):
+            guard.run_once(key, lambda conn: "booked")
+    guard.run_once("order-7:charge", lambda conn: "charged")  # a key of the service's own
+
+    assert Sweeps(engine).retention()["purged"] == 1
+
+    with engine.store.db.connect() as c:
+        left = set(c.execute(sa.select(t.idempotency_keys.c.key)).scalars())
+    assert left == {*keys_of(engine.get(recent)), "order-7:charge"}
 
 
 def test_retention_purges_in_bounded_batches(world: World) -> None:
