@@ -1,7 +1,7 @@
 """A durable saga engine: define sagas in plain Python, run them on SQLite or PostgreSQL."""
 
 from engine.app import SagaEngine, Started
-from engine.definition import NO_RETRY, Retry, Saga, StepContext, StepHandle
+from engine.definition import NO_RETRY, Retry, Saga, StepContext, StepHandle, StuckPolicy
 from engine.errors import (
     ConcurrencyConflict,
     DefinitionError,
@@ -48,6 +48,7 @@ __all__ = [
     "StepHandle",
     "StepKind",
     "StepStatus",
+    "StuckPolicy",
     "TransportError",
     "UnknownSaga",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from engine.errors import DefinitionError, NonRetryableError
 from engine.states import Phase, StepKind
@@ -249,9 +249,14 @@ class Saga:
                 return step
         raise DefinitionError(self.name, name, "no such step")
 
+    @overload
+    def step(self, fn: Action, /) -> StepHandle: ...
+
+    @overload
     def step(
         self,
-        fn: Action | None = None,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         timeout: timedelta | None = None,
@@ -261,8 +266,25 @@ class Saga:
         kind: StepKind | None = None,
         transactional: bool = False,
         expected_duration: timedelta | None = None,
-    ) -> Any:
-        """Decorator that adds ``fn`` as the next step; see :meth:`add_step`."""
+    ) -> Callable[[Action], StepHandle]: ...
+
+    def step(
+        self,
+        fn: Action | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: timedelta | None = None,
+        retry: Retry | None = None,
+        compensation_retry: Retry | None = None,
+        pivot: bool = False,
+        kind: StepKind | None = None,
+        transactional: bool = False,
+        expected_duration: timedelta | None = None,
+    ) -> StepHandle | Callable[[Action], StepHandle]:
+        """Decorator that adds ``fn`` as the next step (``@saga.step`` or
+        ``@saga.step(timeout=...)``); see :meth:`add_step`. Returns the step's handle,
+        whose ``.compensate`` decorator adds its undo."""
 
         def register(action: Action) -> StepHandle:
             step_kind = StepKind.PIVOT if pivot else kind
