@@ -2,12 +2,20 @@
 
 The set-up the issue asks for: 2 ``saga worker`` processes and 3 ``saga
 participant`` processes (hotel, flight, car), one PostgreSQL store, commands
-and replies on Redis Streams. The saga (bench/remote_bench_app.py) has three
-remote steps; each participant makes one record per command behind the
-idempotency guard. The benchmark process starts the sagas from a few threads
-as fast as it can and waits until all of them completed.
+and replies on Redis Streams, all on this machine. The saga
+(bench/remote_bench_app.py) has three remote steps. The benchmark process
+starts the sagas from a few threads as fast as it can and waits until all of
+them completed. It runs two variants, one after the other, each on a fresh
+database with fresh processes:
 
-It reports:
+- participants that only reply: what the engine itself costs (start, send the
+  commands, read and record the replies, move on), with the participant
+  runtime around handlers that do nothing;
+- participants that make one record per command (an INSERT) behind the
+  idempotency guard, as a real service would: its transaction runs on the
+  same two cores and the same PostgreSQL.
+
+For each it reports:
 
 - ``sagas_per_s``: measured sagas / (last completion - first start), from the
   timestamps the store recorded;
@@ -16,17 +24,19 @@ It reports:
   handler began: commit, XADD, XREADGROUP and queueing, p50/p95/p99;
 - ``step_ms``: per step, from the attempt's start to its recorded success (the
   whole round trip, the participant's own transaction included);
-- ``saga_ms``: per saga, from its start to its completion.
+- ``saga_ms``: per saga, from its start to its completion;
+- ``cpu_ms_per_saga``: CPU time each process (PostgreSQL and Redis included)
+  spent per measured saga.
 
 Run it with the project venv (PostgreSQL on 127.0.0.1:5432 and Redis on
 127.0.0.1:6379 by default)::
 
-    .venv/bin/python bench/remote_bench.py                 # 3000 sagas after 200 to warm up
-    .venv/bin/python bench/remote_bench.py --sagas 1000 --worker-concurrency 32
+    .venv/bin/python bench/remote_bench.py                 # both variants, 3000 sagas each
+    .venv/bin/python bench/remote_bench.py --work guard --rate 50   # latency at a steady rate
 
 It drops and recreates the database ``bench_remote``, uses a fresh key prefix
-on Redis and deletes its keys at the end, prints one JSON document as its
-last line, and saves it under bench/results/.
+on Redis and deletes its keys at the end, prints one JSON list (a document
+per variant) as its last line, and saves it under bench/results/.
 """
 
 from __future__ import annotations
@@ -64,6 +74,13 @@ DBNAME = "bench_remote"
 
 def main() -> None:
     args = parse_args()
+    works = ("none", "guard") if args.work == "both" else (args.work,)
+    docs = [measure(args, work) for work in works]
+    emit(docs)
+
+
+def measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
+    """One variant, on a fresh database and key prefix, with its own processes."""
     url = sqlalchemy_url(DBNAME)
     recreate_database(DBNAME)
     upgrade(url)
@@ -75,7 +92,7 @@ def main() -> None:
         "SAGA_REDIS_URL": args.redis_url,
         "SAGA_REDIS_PREFIX": prefix,
         "SAGA_LOG_LEVEL": "WARNING",
-        "REMOTE_BENCH_WORK": args.work,
+        "REMOTE_BENCH_WORK": work,
     }
     procs = Processes(env, HERE / "results" / f"remote-logs-{prefix}")
     try:
@@ -106,7 +123,7 @@ def main() -> None:
             run(engine, args.sagas, args.starters, args.rate)
             cpu = {k: v - cpu_before.get(k, 0.0) for k, v in procs.cpu_seconds().items()}
             loadavg_after = os.getloadavg()
-            doc = report(db, began, args, loadavg_before, loadavg_after)
+            doc = report(db, began, args, work, loadavg_before, loadavg_after)
             doc["cpu_ms_per_saga"] = {
                 name: round(seconds * 1000 / args.sagas, 2) for name, seconds in sorted(cpu.items())
             }
@@ -116,7 +133,7 @@ def main() -> None:
         procs.stop()
         cleanup(args.redis_url, prefix)
         db.dispose()
-    emit(doc)
+    return doc
 
 
 def parse_args() -> argparse.Namespace:
@@ -137,10 +154,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
         "--work",
-        choices=("guard", "none"),
-        default="guard",
-        help="what a participant does per command: one INSERT behind the idempotency "
-        "guard, or nothing but reply (the engine's own share)",
+        choices=("both", "guard", "none"),
+        default="both",
+        help="what a participant does per command: nothing but reply (the engine's own "
+        "share), one INSERT behind the idempotency guard, or both, one after the other "
+        "(the default)",
     )
     return parser.parse_args()
 
@@ -182,6 +200,7 @@ def report(
     db: sa.Engine,
     began: int,
     args: argparse.Namespace,
+    work: str,
     loadavg_before: tuple[float, float, float],
     loadavg_after: tuple[float, float, float],
 ) -> dict[str, Any]:
@@ -244,7 +263,7 @@ def report(
             "starters": args.starters,
             "rate_per_s": args.rate or None,
             "steps_per_saga": len(STEPS),
-            "participant_work": args.work,
+            "participant_work": work,
         },
         "completed": count,
         "elapsed_s": round(elapsed, 3),
@@ -367,19 +386,26 @@ def cleanup(url: str, prefix: str) -> None:
         client.close()
 
 
-def emit(doc: dict[str, Any]) -> None:
+def emit(docs: list[dict[str, Any]]) -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = HERE / "results" / f"remote-{stamp}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    d, s = doc["dispatch_ms"], doc["step_ms"]
-    print(
-        f"{doc['completed']} sagas in {doc['elapsed_s']}s: {doc['sagas_per_s']} sagas/s; "
-        f"dispatch p50 {d['p50']} ms, p99 {d['p99']} ms; step round trip p50 {s['p50']} ms, "
-        f"p99 {s['p99']} ms (saved to {out.relative_to(ROOT)})",
-        file=sys.stderr,
-    )
-    print(json.dumps(doc))
+    out.write_text(json.dumps(docs, indent=2) + "\n")
+    for doc in docs:
+        d, s = doc["dispatch_ms"], doc["step_ms"]
+        cpu = sum(doc["cpu_ms_per_saga"].values())
+        print(
+            f"participants {WORK_LABELS[doc['plan']['participant_work']]}: "
+            f"{doc['completed']} sagas in {doc['elapsed_s']}s, {doc['sagas_per_s']} sagas/s; "
+            f"dispatch p50 {d['p50']} ms, p99 {d['p99']} ms; step round trip p50 {s['p50']} ms, "
+            f"p99 {s['p99']} ms; CPU {cpu:.1f} ms a saga (all processes)",
+            file=sys.stderr,
+        )
+    print(f"saved to {out.relative_to(ROOT)}", file=sys.stderr)
+    print(json.dumps(docs))
+
+
+WORK_LABELS = {"none": "only reply", "guard": "INSERT behind the guard"}
 
 
 if __name__ == "__main__":

@@ -75,9 +75,6 @@ class ConsoleUser:
 def init_app(app: Flask) -> None:
     login_manager.init_app(app)
     csrf.init_app(app)
-    app.extensions["saga_login_throttle"] = LoginThrottle(
-        int(app.config["SAGA_LOGIN_MAX_FAILURES"]), float(app.config["SAGA_LOGIN_WINDOW_SECONDS"])
-    )
     login_manager.user_loader(_load_user)
     app.before_request(_require_login)
 
@@ -127,7 +124,11 @@ def login() -> ResponseReturnValue:
         return render_template("login.html", form=form)
     if not form.validate_on_submit():
         return render_template("login.html", form=form), 400
-    throttle: LoginThrottle = current_app.extensions["saga_login_throttle"]
+    throttle = LoginThrottle(
+        services.get().users,
+        int(current_app.config["SAGA_LOGIN_MAX_FAILURES"]),
+        float(current_app.config["SAGA_LOGIN_WINDOW_SECONDS"]),
+    )
     key = f"{form.name.data.strip().lower()}|{request.remote_addr}"
     wait = throttle.retry_after(key)
     if wait > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.interventions import Action
 from engine.model import Instance
+from engine.signals import OpenWait
 from engine.states import Phase
 
 LABELS = {
@@ -12,6 +13,8 @@ LABELS = {
     Action.COMPENSATE: "Force-compensate",
     Action.CANCEL: "Cancel saga",
 }
+#: The button that sends a signal to a waiting step (engine.signals).
+SEND_SIGNAL = "Send signal"
 
 
 def consequence(action: Action, inst: Instance) -> str:
@@ -47,4 +50,20 @@ def consequence(action: Action, inst: Instance) -> str:
         "Stops the saga where it stands: nothing more runs and nothing is undone. Steps "
         "that already acted stay done, so clean them up by hand if needed. "
         "This cannot be reversed."
+    )
+
+
+def signal_consequence(wait: OpenWait) -> str:
+    """One paragraph: what happens when the operator sends the signal ``wait`` waits for."""
+    step = f"Step “{wait.step}”"
+    if wait.waiting:
+        return (
+            f"{step} waits for this event now: it ends at once with the data below as "
+            "its output, and the saga moves on (to the next step, or it completes). Only one "
+            "signal per event is taken, so this cannot be sent again or taken back."
+        )
+    return (
+        f"{step} has not begun waiting yet: the signal is stored, and the step "
+        "takes it, with the data below as its output, as soon as it begins instead of "
+        "waiting. Only one signal per event is kept, so this cannot be sent again or taken back."
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from flask_wtf import FlaskForm
 from wtforms import (
     HiddenField,
@@ -13,10 +16,14 @@ from wtforms import (
 )
 from wtforms.validators import DataRequired, InputRequired, Length, NumberRange
 
+from engine.errors import InvalidInput
 from engine.operations import MAX_REASON
+from engine.store import dumps
 from engine.users import MAX_PASSWORD, MIN_PASSWORD, Role
 
 ROLE_CHOICES = [r.value for r in Role]
+#: JSON typed into a form longer than this is refused (the audit log keeps it too).
+MAX_JSON_TEXT = 200_000
 
 
 class LoginForm(FlaskForm):
@@ -38,6 +45,48 @@ class ActionForm(FlaskForm):
             NumberRange(min=1),
         ],
     )
+
+
+class JSONField(TextAreaField):
+    """Optional JSON text: ``data`` is the parsed value, None when left empty.
+
+    Text that is not JSON, or JSON the store cannot keep (NaN, a NUL
+    character), is an error on the field; the page shows the text as typed.
+    """
+
+    def process_formdata(self, valuelist: list[Any]) -> None:
+        self.data = None
+        text = valuelist[0] if valuelist else ""
+        if text.strip():
+            self.data = parse_json(text)
+
+    def _value(self) -> str:
+        return str(self.raw_data[0]) if self.raw_data else ""
+
+
+def parse_json(text: str) -> Any:
+    """``text`` as a JSON value the store can keep; a ValueError says what is wrong and where."""
+    if len(text) > MAX_JSON_TEXT:
+        raise ValueError(f"it is {len(text):,} characters; the limit is {MAX_JSON_TEXT:,}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"it is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    try:
+        dumps(value)
+    except InvalidInput as exc:
+        raise ValueError(f"the store cannot keep it: {exc.problem}") from None
+    return value
+
+
+class SignalForm(ActionForm):
+    """A signal an operator sends to a waiting step: its data, why, and the version seen."""
+
+    signal_data = JSONField("Data (JSON, optional): what the waiting step records as its output")
 
 
 class AddUserForm(FlaskForm):

@@ -1,57 +1,56 @@
 """Rate limiting of failed sign-ins, per user name and client address.
 
-The counts live in this process's memory: they reset when the console
-restarts, and each console process (a gunicorn worker) counts on its own,
-so with N workers an attacker gets up to N times the limit. That still
-turns a password-guessing run from millions of tries into a handful per
-window; put a reverse proxy limit in front for more.
+The failures are rows in the store (``saga_login_failures``), so every
+console process counts the same ones: with gunicorn's workers, or consoles on
+several hosts behind one address, the limit is the limit. A row older than
+the window is deleted as new failures come in, so a flood of made-up names
+cannot grow the table beyond one window's worth.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 
-#: Keys remembered at most, so a flood of made-up names cannot fill memory.
-MAX_KEYS = 10_000
+from engine.users import UserStore
 
 
 class LoginThrottle:
     """At most ``max_failures`` failed sign-ins per key in any ``window`` seconds."""
 
     def __init__(
-        self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic
+        self,
+        users: UserStore,
+        max_failures: int,
+        window: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.users = users
         self.max_failures = max_failures
         self.window = window
+        # Wall-clock seconds: the processes that share the counts share no other clock.
         self.clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
 
     def retry_after(self, key: str) -> float:
         """Seconds until ``key`` may try again; 0 when it may try now."""
-        with self._lock:
-            times = self._recent(key)
-            if len(times) < self.max_failures:
-                return 0.0
-            return max(times[0] + self.window - self.clock(), 0.0)
+        now = self._now_ms()
+        times = self.users.recent_login_failures(
+            key, now - self._window_ms() + 1, self.max_failures
+        )
+        if len(times) < self.max_failures:
+            return 0.0
+        oldest_counted = min(times)
+        return max(oldest_counted + self._window_ms() - now, 0) / 1000
 
     def failed(self, key: str) -> None:
-        with self._lock:
-            self._recent(key).append(self.clock())
-            self._failures.move_to_end(key)
-            while len(self._failures) > MAX_KEYS:
-                self._failures.popitem(last=False)
+        now = self._now_ms()
+        self.users.record_login_failure(key, now, forget_before=now - self._window_ms())
 
     def succeeded(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+        self.users.clear_login_failures(key)
 
-    def _recent(self, key: str) -> deque[float]:
-        times = self._failures.setdefault(key, deque())
-        cutoff = self.clock() - self.window
-        while times and times[0] <= cutoff:
-            times.popleft()
-        return times
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _window_ms(self) -> int:
+        return int(self.window * 1000)

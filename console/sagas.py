@@ -16,12 +16,13 @@ from flask_login import current_user
 from console import describe, services
 from console.auth import require_role
 from console.charts import step_charts
-from console.forms import ActionForm
+from console.forms import ActionForm, SignalForm
 from console.params import parse_action, parse_list, parse_search
 from console.timeline import build_steps, idempotency_keys
+from engine import signals
 from engine.choreography import CHOREOGRAPHED
 from engine.definition import Saga
-from engine.errors import ConcurrencyConflict, InvalidTransition, UnknownSaga
+from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition, UnknownSaga
 from engine.events import (
     ChoreographyOperations,
     EventBus,
@@ -32,6 +33,7 @@ from engine.interventions import Action
 from engine.loader import import_module
 from engine.model import Instance, now_ms
 from engine.queries import InstanceFilter
+from engine.signals import OpenWait
 from engine.states import SagaState
 from engine.users import Role
 
@@ -167,6 +169,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "labels": describe.LABELS,
         "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
         "choreo_actions": _choreo_actions(inst),
+        "open_waits": _open_waits(inst, defn),
     }
 
 
@@ -198,12 +201,86 @@ def _check_seen_version(inst: Instance, seen: str | None) -> None:
 
 
 def _check_allowed(inst: Instance, action: Action) -> None:
+    _check_definition(inst)
+    if action not in services.get().operations.allowed(inst):
+        raise InvalidTransition(inst.id, str(action), inst.state, "its state does not allow it now")
+
+
+def _check_definition(inst: Instance) -> None:
     if _definition(inst) is None:
         raise UnknownSaga(
             f"{inst.saga_name} v{inst.saga_version}", services.get().engine.registry.names()
         )
-    if action not in services.get().operations.allowed(inst):
-        raise InvalidTransition(inst.id, str(action), inst.state, "its state does not allow it now")
+
+
+# -- signals to waiting steps (engine.signals) ----------------------------------
+
+
+def _open_waits(inst: Instance, defn: Saga | None) -> list[OpenWait]:
+    if defn is None or not current_user.can(Role.OPERATOR):
+        return []
+    return signals.open_waits(services.get().engine, inst)
+
+
+@bp.route("/sagas/<saga_id>/signals/<event>", methods=["GET", "POST"])
+@require_role(Role.OPERATOR)
+def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
+    """GET: the form for the signal ``event``. POST: deliver it as the operator, audited."""
+    engine = services.get().engine
+    inst = engine.get(saga_id)
+    form = SignalForm()
+    if request.method == "GET":
+        _check_seen_version(inst, request.args.get("version"))
+        _check_definition(inst)
+        form.expected_version.data = inst.version
+        return _signal_page(inst, event, form, signals.open_wait(engine, inst, event))
+    if not form.validate_on_submit():
+        return _signal_page(inst, event, form, _wait_for(inst, event)), 400
+    try:
+        delivered = engine.signal(
+            saga_id,
+            event,
+            form.signal_data.data,
+            sent_by=current_user.name,
+            reason=form.reason.data,
+            expected_version=form.expected_version.data,
+        )
+    except (InvalidInput, InvalidTransition) as exc:
+        # Refused, nothing written: the form again, with everything the operator typed.
+        status = 400 if isinstance(exc, InvalidInput) else 409
+        return _signal_page(inst, event, form, _wait_for(inst, event), problem=str(exc)), status
+    flash(_signal_sent(event, delivered.taken, delivered.instance))
+    return redirect(url_for("sagas.instance", saga_id=saga_id))
+
+
+def _signal_page(
+    inst: Instance, event: str, form: SignalForm, wait: OpenWait | None, problem: str = ""
+) -> str:
+    return render_template(
+        "confirm_signal.html",
+        inst=inst,
+        event=event,
+        form=form,
+        label=describe.SEND_SIGNAL,
+        consequence=describe.signal_consequence(wait) if wait is not None else "",
+        problem=problem,
+    )
+
+
+def _wait_for(inst: Instance, event: str) -> OpenWait | None:
+    """The wait for ``event`` if it can still take a signal (a form shown again may be moot)."""
+    if _definition(inst) is None:
+        return None
+    return next(
+        (w for w in signals.open_waits(services.get().engine, inst) if w.event == event), None
+    )
+
+
+def _signal_sent(event: str, taken: bool, inst: Instance) -> str:
+    who = f"Signal “{event}” sent by {current_user.name}."
+    if taken:
+        return f"{who} The step took it; the saga is {inst.state} (version {inst.version})."
+    return f"{who} It is stored: the step takes it when it begins waiting."
 
 
 # -- choreographed instances (engine.choreography) ------------------------------

@@ -142,16 +142,41 @@ class SagaEngine:
         return Worker(self, concurrency or self.settings.concurrency)
 
     def signal(
-        self, saga_id: str, event: str, data: Any = None, *, sent_by: str = "api"
+        self,
+        saga_id: str,
+        event: str,
+        data: Any = None,
+        *,
+        sent_by: str = "api",
+        reason: str | None = None,
+        expected_version: int | None = None,
     ) -> Delivered:
         """Deliver the external event ``event`` (with JSON ``data``) to a waiting step.
 
         Stored first, then taken by the step waiting for it (now, or when it
-        begins); see :mod:`engine.signals` for what is refused.
+        begins); see :mod:`engine.signals` for what is refused. With ``reason``,
+        a person sent it: the audit log records it as their action (``sent_by``),
+        like any operator's, in the same transaction. With ``expected_version``,
+        an instance that changed since the caller saw it raises ConcurrencyConflict.
         """
+        from engine import interventions
+        from engine.operations import check_actor, check_reason
         from engine.signals import deliver
+        from engine.store import OperatorRecord
 
-        return deliver(self, saga_id, event, data, sent_by=sent_by)
+        operator = None
+        if reason is not None:
+            actor, why = check_actor(sent_by), check_reason(reason)
+            operator = OperatorRecord(actor, interventions.SIGNAL, why)
+        return deliver(
+            self,
+            saga_id,
+            event,
+            data,
+            sent_by=sent_by,
+            operator=operator,
+            expected_version=expected_version,
+        )
 
     def participant(
         self, *services: ParticipantService, concurrency: int = 8, only: Iterable[str] = ()

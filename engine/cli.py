@@ -645,11 +645,27 @@ def parse_payload(text: str, option: str = "--payload") -> Any:
     show_default="$USER or 'cli'",
     help="Who sends it, for the timeline.",
 )
+@click.option(
+    "--reason",
+    default=None,
+    help="Why a person sends it: then the audit log records it as SENT_BY's action.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document (docs/cli.md).")
 @pass_cli
-def signal_(cli: Cli, *, saga_id: str, event: str, data: str, sent_by: str, as_json: bool) -> None:
+def signal_(
+    cli: Cli,
+    *,
+    saga_id: str,
+    event: str,
+    data: str,
+    sent_by: str,
+    reason: str | None,
+    as_json: bool,
+) -> None:
     """Deliver EVENT to saga SAGA_ID, for the step that waits for it (now or later)."""
-    delivered = cli.engine().signal(saga_id, event, parse_payload(data, "--data"), sent_by=sent_by)
+    delivered = cli.engine().signal(
+        saga_id, event, parse_payload(data, "--data"), sent_by=sent_by, reason=reason
+    )
     inst = delivered.instance
     if as_json:
         _print_json({"event": event, "taken": delivered.taken, "instance": instance_json(inst)})

@@ -58,6 +58,7 @@ from engine.choreography import (
 )
 from engine.errors import InvalidInput, InvalidTransition, TransportError
 from engine.idempotency import IdempotencyGuard
+from engine.interventions import FORCE_COMPENSATE, REPUBLISH
 from engine.model import now_ms
 
 if TYPE_CHECKING:
@@ -579,7 +580,7 @@ class ChoreographyOperations:
 
             self._guard.run_once(order.key, publish)
             published.append(order.event_type)
-        record = OperatorRecord(actor, "force_compensate", reason, {"published": published})
+        record = OperatorRecord(actor, FORCE_COMPENSATE, reason, {"published": published})
         self.store.append_operator_note(inst, record, now_ms())
         return published
 
@@ -614,7 +615,7 @@ class ChoreographyOperations:
         )
         detail = {"event": event_type, "event_id": last.detail["event_id"]}
         self.store.append_operator_note(
-            inst, OperatorRecord(actor, "republish", reason, detail), now_ms()
+            inst, OperatorRecord(actor, REPUBLISH, reason, detail), now_ms()
         )
         return event_type
 

@@ -32,8 +32,21 @@ EDIT_RETRY = "edit_retry"  # the payload was edited, then the step retried
 RESOLVE = "resolve"  # a dead letter was dealt with by hand; the saga ends cancelled
 #: A bulk operation's item the action was not applied to (noted, nothing changed).
 BULK_NOT_APPLIED = "bulk_not_applied"
+#: An operator sent a waiting step its signal (engine.signals).
+SIGNAL = "signal"
+#: The operator actions on choreographed instances (engine.events).
+FORCE_COMPENSATE = "force_compensate"
+REPUBLISH = "republish"
 #: Every ``action`` the audit log may hold, for its filter.
-AUDIT_ACTIONS = (*(a.value for a in Action), EDIT_RETRY, RESOLVE, BULK_NOT_APPLIED)
+AUDIT_ACTIONS = (
+    *(a.value for a in Action),
+    EDIT_RETRY,
+    RESOLVE,
+    BULK_NOT_APPLIED,
+    SIGNAL,
+    FORCE_COMPENSATE,
+    REPUBLISH,
+)
 
 
 def allowed_actions(inst: Instance, defn: Saga, now: int) -> list[Action]:

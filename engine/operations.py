@@ -84,7 +84,7 @@ class Operations:
 
         ``detail`` goes in the audit record (a bulk operation names itself there).
         """
-        record = OperatorRecord(_check_actor(actor), str(action), _check_reason(reason), detail)
+        record = OperatorRecord(check_actor(actor), str(action), check_reason(reason), detail)
         return self._change(
             saga_id,
             expected_version,
@@ -105,7 +105,7 @@ class Operations:
 
         The audit record keeps the payload before and after the edit.
         """
-        actor, reason = _check_actor(actor), _check_reason(reason)
+        actor, reason = check_actor(actor), check_reason(reason)
         dumps(payload)  # InvalidInput, before anything is read, when it is not JSON
         return self._change(
             saga_id,
@@ -123,7 +123,7 @@ class Operations:
         self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
     ) -> Instance:
         """Close a dead letter dealt with by hand: the saga ends cancelled, nothing is undone."""
-        record = OperatorRecord(_check_actor(actor), interventions.RESOLVE, _check_reason(reason))
+        record = OperatorRecord(check_actor(actor), interventions.RESOLVE, check_reason(reason))
         return self._change(
             saga_id, expected_version, interventions.resolve_by_hand, lambda inst: record
         )
@@ -134,7 +134,7 @@ class Operations:
         """Record in the audit log that an action was not applied to an instance (a bulk
         operation's item that had changed, was refused or failed); nothing else changes."""
         record = OperatorRecord(
-            _check_actor(actor), interventions.BULK_NOT_APPLIED, _check_reason(reason), detail
+            check_actor(actor), interventions.BULK_NOT_APPLIED, check_reason(reason), detail
         )
         retry_on_disconnect(
             lambda: self.store.append_operator_note(self.store.load(saga_id), record, self.clock())
@@ -186,7 +186,8 @@ class Operations:
         return interventions.allowed_actions(inst, defn, self.clock())
 
 
-def _check_reason(reason: str) -> str:
+def check_reason(reason: str) -> str:
+    """The reason an operator gave, trimmed; InvalidInput when empty or too long."""
     text = (reason or "").strip()
     if not text:
         raise InvalidInput("reason", "say why you are doing this; it goes in the audit log")
@@ -195,7 +196,8 @@ def _check_reason(reason: str) -> str:
     return text
 
 
-def _check_actor(actor: str) -> str:
+def check_actor(actor: str) -> str:
+    """Who acts, trimmed; InvalidInput unless 1 to 150 characters."""
     text = (actor or "").strip()
     if not text or len(text) > 150:
         raise InvalidInput("actor", "name who is acting (1 to 150 characters)")

@@ -241,6 +241,18 @@ users = sa.Table(
     sa.Index("uq_saga_users_name", "name", unique=True),
 )
 
+# Failed console sign-ins (migration 0008), one row each, shared by every console
+# process so that the limit holds however many gunicorn workers or hosts serve it.
+login_failures = sa.Table(
+    "saga_login_failures",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(400), nullable=False),
+    sa.Column("at", Millis, nullable=False),
+    sa.Index("ix_saga_login_failures_key_at", "key", "at"),
+    sa.Index("ix_saga_login_failures_at", "at"),
+)
+
 # Bulk recovery (migration 0006): an operator's action over every instance a
 # filter matched, and each instance's outcome. No foreign key to the
 # instances: the report outlives a retention purge, like the audit log.

@@ -18,13 +18,19 @@ step already ended or its wait passed its deadline, when a signal for it is
 already stored, or when the saga is compensating, dead-lettered or finished.
 If the deadline passes before any signal, the step times out and the saga
 follows the step's retry policy (no second wait by default).
+
+An operator may send a signal too (the console's *Send signal*): then the
+caller names the version it saw, and an audit entry (action ``signal``, with
+the reason, the event and the data) is written in the same transaction.
+:func:`open_waits` says, with the same rules, which events an instance can
+still take a signal for.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -36,7 +42,7 @@ from engine.decide import record_success, signal_problem, waiting_now
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
-from engine.store import Store, dumps, retry_on_disconnect
+from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport import ring
 
 if TYPE_CHECKING:
@@ -45,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_NAME = 200
+#: Tries when a worker changes the instance between our read and our write.
+_CONFLICT_ATTEMPTS = 5
+_ALREADY_STORED = "a signal for that event is already stored; the waiting step takes that one"
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,38 @@ class Delivered:
     taken: bool
 
 
+@dataclass(frozen=True)
+class OpenWait:
+    """A step that can still take a signal: it waits now, or has yet to begin waiting."""
+
+    event: str
+    step: str
+    #: True: it waits now and takes a signal at once. False: a signal is kept until it waits.
+    waiting: bool
+
+
+def open_waits(engine: SagaEngine, inst: Instance) -> list[OpenWait]:
+    """The waits of ``inst`` that :func:`deliver` would give a signal to now, in step order."""
+    defn = engine.registry.get(inst.saga_name, inst.saga_version)
+    now = engine.clock()
+    return [
+        _open_wait(inst, event, index)
+        for event, index in _waits(defn).items()
+        if _problem(engine.store, inst, event, index, now) is None
+    ]
+
+
+def open_wait(engine: SagaEngine, inst: Instance, event: str) -> OpenWait:
+    """The wait for ``event`` if a signal can be delivered to it now; a dry run of
+    :func:`deliver`, which raises the :class:`InvalidTransition` it would raise."""
+    defn = engine.registry.get(inst.saga_name, inst.saga_version)
+    index = _waiting_step(inst, defn, event)
+    problem = _problem(engine.store, inst, event, index, engine.clock())
+    if problem is not None:
+        raise _refused(inst, event, problem)
+    return _open_wait(inst, event, index)
+
+
 def stored_signal(store: Store, saga_id: str, event: str) -> StoredSignal | None:
     """The signal stored for ``event`` on ``saga_id``, if one came."""
     s = t.signals.c
@@ -80,19 +121,35 @@ def stored_signal(store: Store, saga_id: str, event: str) -> StoredSignal | None
 
 
 def deliver(
-    engine: SagaEngine, saga_id: str, event: str, data: Any = None, *, sent_by: str = "api"
+    engine: SagaEngine,
+    saga_id: str,
+    event: str,
+    data: Any = None,
+    *,
+    sent_by: str = "api",
+    operator: OperatorRecord | None = None,
+    expected_version: int | None = None,
 ) -> Delivered:
     """Store the signal ``event`` for ``saga_id``; a waiting step takes it at once.
 
-    Raises :class:`~engine.errors.SagaNotFound`, :class:`InvalidInput` (data
-    that is not JSON, a bad name) or :class:`InvalidTransition` (see the
-    module's docstring); nothing is written then.
+    ``operator`` (a person sent it) adds an audit entry in the same
+    transaction; its detail gets the event, the data and whether the step
+    took it. With ``expected_version``, an instance that changed since the
+    caller read it raises :class:`ConcurrencyConflict`. Raises
+    :class:`~engine.errors.SagaNotFound`, :class:`InvalidInput` (data that is
+    not JSON, a bad name) or :class:`InvalidTransition` (see the module's
+    docstring); nothing is written then.
     """
     dumps(data)
     sent_by = _check_name("sender", sent_by)
     event = _check_name("event", event)
+    signal = _Signal(event, data, sent_by, operator, expected_version)
+    # A caller that names the version it saw wants the conflict, not a decision
+    # taken again on an instance it has not seen.
+    attempts = 1 if expected_version is not None else _CONFLICT_ATTEMPTS
     delivered = _with_conflict_retries(
-        lambda: retry_on_disconnect(lambda: _deliver_once(engine, saga_id, event, data, sent_by))
+        lambda: retry_on_disconnect(lambda: _deliver_once(engine, saga_id, signal)),
+        attempts,
     )
     inst = delivered.instance
     if delivered.taken and inst.state.is_active:
@@ -100,7 +157,18 @@ def deliver(
     return delivered
 
 
-def _with_conflict_retries(work: Callable[[], Delivered], attempts: int = 5) -> Delivered:
+@dataclass(frozen=True)
+class _Signal:
+    """What :func:`deliver` was asked to deliver, checked."""
+
+    event: str
+    data: Any
+    sent_by: str
+    operator: OperatorRecord | None
+    expected_version: int | None
+
+
+def _with_conflict_retries(work: Callable[[], Delivered], attempts: int) -> Delivered:
     # A worker may change the instance between our read and our write (it
     # begins the wait, or finds it expired): read again and decide again.
     for attempt in range(1, attempts + 1):
@@ -112,68 +180,89 @@ def _with_conflict_retries(work: Callable[[], Delivered], attempts: int = 5) -> 
     raise AssertionError("unreachable")
 
 
-def _deliver_once(
-    engine: SagaEngine, saga_id: str, event: str, data: Any, sent_by: str
-) -> Delivered:
+def _deliver_once(engine: SagaEngine, saga_id: str, signal: _Signal) -> Delivered:
     now = engine.clock()
+    event = signal.event
     with engine.store.transaction() as conn:
         inst = engine.store.load(saga_id, conn)
+        _check_version(inst, signal.expected_version)
         defn = engine.registry.get(inst.saga_name, inst.saga_version)
         index = _waiting_step(inst, defn, event)
         problem = signal_problem(inst, index, now)
         if problem is not None:
-            raise InvalidTransition(
-                saga_id, f"deliver the {event!r} signal to", inst.state, problem
-            )
-        _insert(conn, inst, event, data, sent_by, now)
+            raise _refused(inst, event, problem)
+        _insert(conn, inst, signal, now)
         taken = waiting_now(inst, index)
         noted = Event(
             EventKind.SIGNAL_RECEIVED,
             index,
             attempt=inst.steps[index].attempts or None,
-            detail={"event": event, "sent_by": sent_by, "taken": taken},
+            detail={"event": event, "sent_by": signal.sent_by, "taken": taken},
             at=now,
         )
-        actor = f"signal:{sent_by}"
+        actor = f"signal:{signal.sent_by}"
+        audit = _audit_record(signal, taken)
         if not taken:
             engine.store.append_events(inst, [noted], actor, now, conn=conn)
+            if audit is not None:
+                # Nothing changed but the kept signal: the entry names the step that takes it.
+                name = inst.steps[index].name
+                engine.store.append_operator_note(inst, audit, now, conn, step_name=name)
             return Delivered(inst, taken=False)
-        transition = Transition(inst, (noted,)).then(record_success(inst, defn, now, data))
-        saved = engine.store.save(inst, transition, actor, conn=conn)
+        transition = Transition(inst, (noted,)).then(record_success(inst, defn, now, signal.data))
+        saved = engine.store.save(inst, transition, actor, conn=conn, operator=audit)
     return Delivered(saved, taken=True)
 
 
+def _check_version(inst: Instance, expected: int | None) -> None:
+    if expected is not None and inst.version != expected:
+        raise ConcurrencyConflict(
+            inst.id, expected, inst.version, f"it is {inst.state} at step {inst.current.name!r}"
+        )
+
+
+def _audit_record(signal: _Signal, taken: bool) -> OperatorRecord | None:
+    if signal.operator is None:
+        return None
+    detail = {"event": signal.event, "data": signal.data, "taken": taken}
+    return replace(signal.operator, detail={**(signal.operator.detail or {}), **detail})
+
+
+def _waits(defn: Saga) -> dict[str, int]:
+    """Each event the saga waits for, with the step that waits for it (one per event)."""
+    return {step.signal: index for index, step in enumerate(defn.steps) if step.signal is not None}
+
+
 def _waiting_step(inst: Instance, defn: Saga, event: str) -> int:
-    for index, step in enumerate(defn.steps):
-        if step.signal == event:
-            return index
-    events = [s.signal for s in defn.steps if s.signal is not None]
-    waits = f"it waits for {', '.join(map(repr, events))}" if events else "it waits for none"
-    raise InvalidTransition(
-        inst.id,
-        f"deliver the {event!r} signal to",
-        inst.state,
-        f"no step of saga {defn.name!r} waits for that event ({waits})",
-    )
+    waits = _waits(defn)
+    if event in waits:
+        return waits[event]
+    named = f"it waits for {', '.join(map(repr, waits))}" if waits else "it waits for none"
+    raise _refused(inst, event, f"no step of saga {defn.name!r} waits for that event ({named})")
 
 
-def _insert(
-    conn: Connection, inst: Instance, event: str, data: Any, sent_by: str, now: int
-) -> None:
+def _problem(store: Store, inst: Instance, event: str, index: int, now: int) -> str | None:
+    problem = signal_problem(inst, index, now)
+    if problem is None and stored_signal(store, inst.id, event) is not None:
+        return _ALREADY_STORED
+    return problem
+
+
+def _open_wait(inst: Instance, event: str, index: int) -> OpenWait:
+    return OpenWait(event, inst.steps[index].name, waiting_now(inst, index))
+
+
+def _refused(inst: Instance, event: str, why: str) -> InvalidTransition:
+    return InvalidTransition(inst.id, f"deliver the {event!r} signal to", inst.state, why)
+
+
+def _insert(conn: Connection, inst: Instance, signal: _Signal, now: int) -> None:
+    row = {"event": signal.event, "data": signal.data, "sent_by": signal.sent_by}
     try:
         with conn.begin_nested():
-            conn.execute(
-                t.signals.insert().values(
-                    saga_id=inst.id, event=event, data=data, received_at=now, sent_by=sent_by
-                )
-            )
+            conn.execute(t.signals.insert().values(saga_id=inst.id, received_at=now, **row))
     except IntegrityError:
-        raise InvalidTransition(
-            inst.id,
-            f"deliver the {event!r} signal to",
-            inst.state,
-            "a signal for that event is already stored; the waiting step takes that one",
-        ) from None
+        raise _refused(inst, signal.event, _ALREADY_STORED) from None
 
 
 def _check_name(field: str, value: str) -> str:

@@ -259,9 +259,18 @@ class Store:
         c = t.instances.c
         conn.execute(t.instances.update().where(c.id == saga_id).values(payload=payload))
 
-    def append_operator_note(self, inst: Instance, op: OperatorRecord, now: int) -> None:
-        """Append an audit entry that changed nothing (state and version stay as they are)."""
-        with self.transaction() as c:
+    def append_operator_note(
+        self,
+        inst: Instance,
+        op: OperatorRecord,
+        now: int,
+        conn: Connection | None = None,
+        *,
+        step_name: str | None = None,
+    ) -> None:
+        """Append an audit entry that changed nothing (state and version stay as they are);
+        ``step_name``: the step it concerns, when not the current one."""
+        with self._tx(conn) as c:
             c.execute(
                 t.operator_actions.insert().values(
                     at=now,
@@ -273,7 +282,7 @@ class Store:
                     state_after=str(inst.state),
                     version_before=inst.version,
                     version_after=inst.version,
-                    step_name=inst.current.name,
+                    step_name=step_name or inst.current.name,
                     detail=op.detail,
                 )
             )

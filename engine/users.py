@@ -122,6 +122,29 @@ class UserStore:
             )
             return _user(row)
 
+    # -- failed sign-ins, for the console's throttle -------------------------------
+
+    def recent_login_failures(self, key: str, since: int, limit: int) -> list[int]:
+        """When ``key`` last failed to sign in, at or after ``since``: up to ``limit``
+        times, newest first."""
+        f = t.login_failures.c
+        query = (
+            sa.select(f.at).where(f.key == key, f.at >= since).order_by(f.at.desc()).limit(limit)
+        )
+        with self.db.connect() as c:
+            return list(c.execute(query).scalars())
+
+    def record_login_failure(self, key: str, at: int, forget_before: int) -> None:
+        """Note a failed sign-in, and forget every failure older than ``forget_before``."""
+        f = t.login_failures.c
+        with self.db.begin() as c:
+            c.execute(t.login_failures.insert().values(key=key, at=at))
+            c.execute(t.login_failures.delete().where(f.at < forget_before))
+
+    def clear_login_failures(self, key: str) -> None:
+        with self.db.begin() as c:
+            c.execute(t.login_failures.delete().where(t.login_failures.c.key == key))
+
     def set_role(self, name: str, role: Role | str) -> User:
         """Change a user's role; refuses to demote the last enabled admin."""
         role = parse_role(role)

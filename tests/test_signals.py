@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from engine import InvalidInput, InvalidTransition, Retry, SagaEngine, SagaNotFound, SagaState
 from engine import schema as t
 from engine.cli import main
+from engine.queries import Queries
 from engine.states import StepStatus
 from tests.helpers.deploy import Deployment
 from tests.helpers.engines import timeline, wait_for, wait_state
@@ -216,3 +217,29 @@ def test_saga_signal_delivers_an_event_from_the_command_line(
     assert missing.exit_code == 3
     bad = CliRunner().invoke(main, [*argv, "--data", "{nope"], env=env)
     assert bad.exit_code == 2 and "--data" in bad.output
+
+
+def test_a_signal_sent_with_a_reason_is_an_audited_operator_action(
+    deployment: Deployment, participant: Participant, store_url: str
+) -> None:
+    engine = running(deployment, participant)
+    saga_id = engine.start("approval", {}).id
+    wait_for(lambda: waiting(engine, saga_id))
+    env = {"SAGA_DATABASE_URL": store_url, "SAGA_REDIS_URL": ""}
+    argv = ["-A", "tests.helpers.approval_app", "signal", saga_id, "manager_approval"]
+
+    blank = CliRunner().invoke(main, [*argv, "--sent-by", "ann", "--reason", "  "], env=env)
+    result = CliRunner().invoke(
+        main, [*argv, "--sent-by", "ann", "--reason", "approved on the phone"], env=env
+    )
+
+    assert blank.exit_code == 2 and "reason" in blank.output
+    assert result.exit_code == 0, result.output
+    [audit] = Queries(engine.store).operator_actions(saga_id=saga_id)
+    assert (audit.actor, audit.action, audit.reason, audit.step_name) == (
+        "ann",
+        "signal",
+        "approved on the phone",
+        "manager_approval",
+    )
+    assert audit.detail == {"event": "manager_approval", "data": None, "taken": True}

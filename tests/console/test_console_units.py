@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import sqlalchemy as sa
 
 from console.formatting import duration, pretty_json, timestamp
 from console.params import parse_audit, parse_list
 from console.ratelimit import LoginThrottle
 from console.timeline import build_steps
 from engine import InvalidInput, SagaState, StepStatus
+from engine import schema as t
 from engine.model import Instance, StepState
 from engine.queries import EventRecord
+from engine.users import UserStore
 
 
 def _event(
@@ -162,22 +167,52 @@ class TestFormatting:
 
 
 class TestLoginThrottle:
-    def test_blocks_after_the_limit_until_the_window_passes(self) -> None:
-        now = [0.0]
-        throttle = LoginThrottle(3, 60, clock=lambda: now[0])
+    """On the store, so that every console process counts the same failures."""
+
+    @pytest.fixture
+    def users(self, store_url: str) -> Iterator[UserStore]:
+        from engine.store import open_store
+
+        store = open_store(store_url)
+        yield UserStore(store.db)
+        store.dispose()
+
+    def test_blocks_after_the_limit_until_the_window_passes(self, users: UserStore) -> None:
+        now = [1_000.0]
+        throttle = LoginThrottle(users, 3, 60, clock=lambda: now[0])
         for _ in range(3):
             assert throttle.retry_after("k") == 0
             throttle.failed("k")
         assert throttle.retry_after("k") == 60
         assert throttle.retry_after("other") == 0
-        now[0] = 59.0
+        now[0] = 1_059.0
         assert throttle.retry_after("k") == 1
-        now[0] = 60.5
+        now[0] = 1_060.5
         assert throttle.retry_after("k") == 0
 
-    def test_success_clears_the_count(self) -> None:
-        throttle = LoginThrottle(2, 60)
+    def test_success_clears_the_count(self, users: UserStore) -> None:
+        throttle = LoginThrottle(users, 2, 60)
         throttle.failed("k")
         throttle.succeeded("k")
         throttle.failed("k")
         assert throttle.retry_after("k") == 0
+
+    def test_two_console_processes_share_one_limit(self, users: UserStore) -> None:
+        now = [1_000.0]
+        first = LoginThrottle(users, 4, 60, clock=lambda: now[0])
+        second = LoginThrottle(UserStore(users.db), 4, 60, clock=lambda: now[0])
+        for throttle in (first, second, first, second):
+            throttle.failed("ann|10.0.0.1")
+        assert first.retry_after("ann|10.0.0.1") == 60
+        assert second.retry_after("ann|10.0.0.1") == 60
+
+    def test_failures_past_the_window_are_forgotten(self, users: UserStore) -> None:
+        now = [1_000.0]
+        throttle = LoginThrottle(users, 3, 60, clock=lambda: now[0])
+        for n in range(50):
+            throttle.failed(f"made-up-{n}|10.0.0.9")
+        now[0] = 1_061.0
+        throttle.failed("ann|10.0.0.1")
+        with users.db.connect() as c:
+            keys = list(c.execute(sa.select(t.login_failures.c.key)).scalars())
+        assert keys == ["ann|10.0.0.1"]
