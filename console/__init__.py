@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import console.audit
 import console.auth
@@ -29,6 +30,7 @@ import console.health
 import console.metrics
 import console.sagas
 import console.services
+from engine.errors import InvalidInput
 
 __all__ = ["create_app"]
 
@@ -54,6 +56,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     _ensure_secret_key(app)
+    _trust_proxies(app)
     console.services.init_app(app)
     console.auth.init_app(app)
     console.errors.init_app(app)
@@ -94,7 +97,28 @@ def _settings_from_env() -> dict[str, Any]:
         # Tab counts stop at this many (shown as "10,000+"), so they stay cheap on a big store.
         "SAGA_COUNT_CAP": 10_000,
         "SAGA_INSTANCE_POLL_SECONDS": 2,
+        "SAGA_TRUSTED_PROXIES": _proxy_count(os.environ.get("SAGA_CONSOLE_TRUSTED_PROXIES")),
     }
+
+
+def _proxy_count(raw: str | None) -> int:
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) > 5:
+        raise InvalidInput(
+            "SAGA_CONSOLE_TRUSTED_PROXIES", f"expected how many proxies (0 to 5), got {raw!r}"
+        )
+    return int(raw)
+
+
+def _trust_proxies(app: Flask) -> None:
+    # Behind N reverse proxies, the client's address is the one the outermost
+    # proxy put in X-Forwarded-For; without this, every sign-in would come from
+    # the proxy, and the sign-in throttle would count all clients as one.
+    # Trust only proxies that are really there: the header is the client's to forge.
+    count = int(app.config.get("SAGA_TRUSTED_PROXIES") or 0)
+    if count:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)  # type: ignore[method-assign]
 
 
 def _ensure_secret_key(app: Flask) -> None:

@@ -93,6 +93,24 @@ def test_failed_sign_ins_are_rate_limited_per_name_and_address(anon: FlaskClient
     sign_in(anon, "viewer")  # another name from the same address is not blocked
 
 
+@pytest.mark.parametrize("proxies", [0, 1])
+def test_behind_a_trusted_proxy_each_client_address_is_limited_on_its_own(
+    saga_engine: SagaEngine, proxies: int
+) -> None:
+    client = make_app(saga_engine, SAGA_TRUSTED_PROXIES=proxies).test_client()
+
+    def attempt(address: str, password: str) -> int:
+        form = {"name": "operator", "password": password}
+        return client.post("/login", data=form, headers={"X-Forwarded-For": address}).status_code
+
+    for _ in range(5):
+        assert attempt("203.0.113.7", "nope") == 401
+    other = attempt("198.51.100.2", PASSWORD)
+    # Trusted, the header names the client: another address may still sign in.
+    # Not trusted, the header is anyone's to forge, and both are the proxy's address.
+    assert other == (302 if proxies else 429)
+
+
 def test_a_disabled_user_cannot_sign_in(app: Flask, anon: FlaskClient) -> None:
     app.extensions["saga"].users.set_disabled("viewer", True)
     response = anon.post("/login", data={"name": "viewer", "password": PASSWORD})
