@@ -11,12 +11,19 @@ Key layout on Redis (``prefix`` is ``SAGA_REDIS_PREFIX``)::
                                  consumer group ``participants``
     <prefix>:replies             stream; participants' replies;
                                  consumer group ``workers``
-    <prefix>:poison              malformed entries (shared with the doorbells)
+    <prefix>:poison              entries set aside: malformed, or taken over too
+                                 often (shared with the doorbells and events)
 
 Entries are read with XREADGROUP and acknowledged (XACK) by the reader once
 handled, so a reader that dies leaves them pending; live readers of the same
-group take them over with XAUTOCLAIM after ``claim_idle_seconds``. What an
-entry means is :mod:`engine.remote`'s business; this module moves fields.
+group take them over with XAUTOCLAIM after ``claim_idle_seconds``. An entry
+taken over more than ``max_deliveries`` times (every reader that took it died
+or hung) is set aside as poison instead of going round for ever, and consumers
+of dead processes are removed from their group. :class:`RedisBus` is the one
+home of these consumer-group mechanics: the doorbell transport
+(:mod:`engine.redis_transport`) and the event log (:mod:`engine.events`) are
+thin layers over it. What an entry means is :mod:`engine.remote`'s business;
+this module moves fields.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
+from engine import metrics
 from engine.errors import InvalidInput, TransportError
 from engine.model import now_ms
-from engine.redis_transport import connect
+from engine.redis_client import MAX_BLOCK_SECONDS, connect
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -47,10 +55,30 @@ PARTICIPANTS = "participants"
 #: Consumer group of the workers on the reply stream.
 WORKERS = "workers"
 
+#: Prefix of a poison record's copies of the entry's own fields.
 RAW_PREFIX = b"raw:"
 _PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]{1,100}")
-_MAX_BLOCK_SECONDS = 2.0
 _POISON_MAXLEN = 10_000
+# Rows an XPENDING page holds beyond the entries just taken over: room for what
+# the reader holds besides, so that one round trip nearly always does.
+_PENDING_SLACK = 100
+
+
+@dataclass(frozen=True)
+class PoisonRecord:
+    """An entry set aside on the poison stream: malformed, or taken over too often."""
+
+    #: Id of this record on the poison stream.
+    id: str
+    #: Id the entry had on its own stream.
+    source_id: str
+    reason: str
+    #: When it was set aside, epoch milliseconds.
+    at: int
+    #: The entry's fields exactly as they were, bytes for bytes.
+    fields: dict[bytes, bytes]
+    #: The stream the entry came from; empty on records written before it was kept.
+    source_stream: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,7 +219,14 @@ class InProcessBus:
 
 
 class RedisBus:
-    """Commands and replies on Redis streams, read through consumer groups."""
+    """Commands and replies on Redis streams, read through consumer groups.
+
+    The one home of the consumer-group mechanics on Redis: groups are made on
+    first use (and again when Redis lost them), entries left pending by a dead
+    reader are taken over, entries taken over too often and malformed entries
+    are set aside on the poison stream, consumers of dead processes are
+    removed, and Redis errors become :class:`~engine.errors.TransportError`.
+    """
 
     in_process = False
 
@@ -203,20 +238,41 @@ class RedisBus:
         client_name: str = "bus",
         maxlen: int = 100_000,
         claim_idle_seconds: float = 30.0,
+        max_deliveries: int = 10,
+        forget_idle_seconds: float = 3600.0,
+        unreachable_hint: str = "",
     ) -> None:
+        """Connect to ``url``; nothing is read or written yet.
+
+        ``max_deliveries``: an entry taken over after being delivered this many
+        times is set aside as poison. ``forget_idle_seconds``: a consumer that
+        holds nothing and has been idle this long is removed from its group.
+        ``unreachable_hint`` ends the message of errors raised while Redis is
+        unreachable (what the caller does about it).
+        """
         if not _PREFIX.fullmatch(prefix):
             raise InvalidInput(
                 "SAGA_REDIS_PREFIX", f"{prefix!r}: use 1-100 letters, digits or any of _.:{{}}-"
+            )
+        if max_deliveries < 1:
+            raise InvalidInput(
+                "SAGA_REDIS_MAX_DELIVERIES", f"must be 1 or more, got {max_deliveries}"
             )
         self.prefix = prefix
         self.poison_stream = f"{prefix}:poison"
         self.maxlen = maxlen
         self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
+        self.max_deliveries = max_deliveries
+        self.forget_idle_ms = max(1, int(forget_idle_seconds * 1000))
         self.groups_created = 0
         self._claim_every = claim_idle_seconds / 2
+        self._forget_every = forget_idle_seconds
+        # Per stream; a reader scans at once, for a restarted reader may find a dead one's entries.
         self._next_claim: dict[str, float] = {}
         self._claim_cursor: dict[str, str] = {}
+        self._next_forget: dict[str, float] = {}
         self._rotation = 0  # which streams a read of fewer entries than streams starts with
+        self._hint = unreachable_hint
         self._lock = threading.Lock()
         self._redis, self.where = connect(url, f"{prefix}:{client_name}")
 
@@ -230,6 +286,7 @@ class RedisBus:
             client_name=f"bus:{settings.worker_id}",
             maxlen=settings.redis_stream_maxlen,
             claim_idle_seconds=settings.redis_claim_idle_seconds,
+            max_deliveries=settings.redis_max_deliveries,
         )
 
     def commands_stream(self, service: str) -> str:
@@ -240,7 +297,7 @@ class RedisBus:
         return f"{self.prefix}:replies"
 
     def send(self, stream: str, fields: Mapping[str, str]) -> None:
-        with self._translate("send", stream):
+        with self._translate("send to", stream):
             self._redis.xadd(stream, dict(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
 
     def send_many(self, entries: Sequence[tuple[str, Mapping[str, str]]]) -> None:
@@ -257,7 +314,8 @@ class RedisBus:
             except redis.ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                # First use, or Redis lost the group with its data: make it, read again.
+                # First use, or Redis lost the group with its data (UNBLOCKED: the
+                # stream was deleted while this client waited on it): make it, read again.
                 self._create_groups(streams, group)
                 return self._next_entries(streams, group, consumer, count, timeout)
 
@@ -281,6 +339,7 @@ class RedisBus:
             for entry in acks:
                 by_stream.setdefault(entry.stream, []).append(entry.id)
             for stream, ids in by_stream.items():
+                # Without the group (Redis lost it) XACK acknowledges nothing, which is right.
                 pipe.xack(stream, group, *ids)
             pipe.execute()
 
@@ -292,19 +351,14 @@ class RedisBus:
             reason,
             self.poison_stream,
         )
-        record: dict[bytes, bytes | str | int] = {
-            b"reason": reason,
-            b"source_id": entry.id,
-            b"source_stream": entry.stream,
-            b"at": now_ms(),
-        }
-        record.update({RAW_PREFIX + name: value for name, value in entry.fields.items()})
         with self._translate("set aside a malformed entry from", entry.stream):
-            # Record and acknowledgement in one MULTI: never lost, never delivered again.
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xadd(self.poison_stream, record, maxlen=_POISON_MAXLEN, approximate=True)  # type: ignore[arg-type]
-            pipe.xack(entry.stream, group, entry.id)
-            pipe.execute()
+            self._set_aside(group, [(entry, reason)])
+
+    def poison_records(self, count: int = 100) -> list[PoisonRecord]:
+        """The newest ``count`` records of the poison stream, newest first."""
+        with self._translate("read", self.poison_stream):
+            rows: Any = self._redis.xrevrange(self.poison_stream, count=count)
+        return [_poison_record(entry_id, fields) for entry_id, fields in rows]
 
     def close(self) -> None:
         self._redis.close()
@@ -342,10 +396,11 @@ class RedisBus:
         return entries
 
     def _block_ms(self, streams: Sequence[str], timeout: float) -> int | None:
-        wait = min(timeout, _MAX_BLOCK_SECONDS)
+        wait = min(timeout, MAX_BLOCK_SECONDS)
         now = time.monotonic()
         for stream in streams:  # wake up in time for the next scan of abandoned entries
             wait = min(wait, max(self._next_claim.get(stream, 0.0) - now, 0.001))
+        # BLOCK 0 means "forever" to Redis; no BLOCK at all means "do not wait".
         return max(1, int(wait * 1000)) if wait > 0 else None
 
     def _claim_abandoned(self, stream: str, group: str, consumer: str, count: int) -> list[Entry]:
@@ -363,18 +418,126 @@ class RedisBus:
             )
             cursor = _text(reply[0])
             self._claim_cursor[stream] = cursor
-            if cursor == "0-0":  # the scan went round: rest until the next period
+            went_round = cursor == "0-0"
+            if went_round:  # the scan went round: rest until the next period
                 self._next_claim[stream] = time.monotonic() + self._claim_every
+        if went_round:
+            self._forget_dead_consumers(stream, group, consumer)
+        # Redis 7 drops entries trimmed from the stream; older servers return them empty.
         entries = [Entry(stream, _text(i), f) for i, f in reply[1] if i is not None and f]
-        if entries:
-            log.info(
-                "%s took over %d entries of %s left unacknowledged for over %.1fs",
-                consumer,
+        if not entries:
+            return []
+        log.info(
+            "%s took over %d entries of %s left unacknowledged for over %.1fs",
+            consumer,
+            len(entries),
+            stream,
+            self.claim_idle_ms / 1000,
+        )
+        return self._within_the_cap(group, consumer, entries)
+
+    def _within_the_cap(self, group: str, consumer: str, entries: list[Entry]) -> list[Entry]:
+        """``entries`` just taken over, less those delivered too often, which are set aside."""
+        counts = self._delivery_counts(group, consumer, entries)
+        over = [(e, counts[e.id]) for e in entries if counts.get(e.id, 0) > self.max_deliveries]
+        if not over:
+            return entries
+        for entry, times in over:
+            log.warning(
+                "entry %s on %s was delivered %d times to group %s and never acknowledged "
+                "(the cap is %d); moved to %s",
+                entry.id,
+                entry.stream,
+                times,
+                group,
+                self.max_deliveries,
+                self.poison_stream,
+            )
+        self._set_aside(group, [(entry, _over_the_cap(times)) for entry, times in over])
+        for entry, _ in over:
+            metrics.set_aside(entry.stream, "redelivered")
+        return [e for e in entries if counts.get(e.id, 0) <= self.max_deliveries]
+
+    def _delivery_counts(self, group: str, consumer: str, entries: list[Entry]) -> dict[str, int]:
+        """How many times each of ``entries``, just taken over by ``consumer``, was delivered."""
+        stream = entries[0].stream
+        wanted = {e.id for e in entries}
+        low, high = min(wanted, key=_id_order), max(wanted, key=_id_order)
+        page = len(wanted) + _PENDING_SLACK
+        counts: dict[str, int] = {}
+        try:
+            while True:
+                rows: Any = self._redis.xpending_range(
+                    stream, group, low, high, page, consumername=consumer
+                )
+                for row in rows:
+                    if (entry_id := _text(row["message_id"])) in wanted:
+                        counts[entry_id] = int(row["times_delivered"])
+                if len(rows) < page or len(counts) == len(wanted):
+                    return counts
+                low = f"({_text(rows[-1]['message_id'])}"  # the next page, after the last row
+        except redis.ResponseError as exc:
+            # Refused (an ACL without XPENDING, say): the entries are still worth
+            # handling, so deliver them unchecked. An outage is raised, like any read's.
+            log.warning(
+                "could not count how often %d entries of %s were delivered, so the cap of "
+                "%d deliveries is not applied to them: %s",
                 len(entries),
                 stream,
-                self.claim_idle_ms / 1000,
+                self.max_deliveries,
+                exc,
             )
-        return entries
+            return {}
+
+    def _forget_dead_consumers(self, stream: str, group: str, consumer: str) -> None:
+        """Remove consumers of ``group`` that hold nothing and have long been idle.
+
+        Runs when a scan for abandoned entries went round, at most once per
+        ``forget_idle_seconds`` for each stream. Never removes ``consumer``.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_forget.get(stream, 0.0):
+                return
+            self._next_forget[stream] = now + self._forget_every
+        try:
+            consumers: Any = self._redis.xinfo_consumers(stream, group)
+            for info in consumers:
+                if _text(info["name"]) != consumer:
+                    self._forget_if_dead(stream, group, info)
+        except redis.RedisError as exc:
+            # Safe to skip: a consumer left behind holds nothing and only lengthens
+            # XINFO CONSUMERS; the next round tries again. Reading goes on.
+            log.warning("could not remove dead consumers of %s on %s: %s", group, stream, exc)
+
+    def _forget_if_dead(self, stream: str, group: str, info: Mapping[str, Any]) -> None:
+        # "idle" is the time since the consumer's last attempt to read or claim
+        # on Redis 7.2 and later, so a live reader's stays below its polling period
+        # (2 s at most). Before 7.2 it counts from the last read that got entries
+        # ("inactive" since 7.2): a live reader left without work that long is then
+        # removed too, which is harmless, as it holds nothing and Redis adds it back
+        # when it next gets an entry.
+        name, idle_ms = _text(info["name"]), int(info["idle"])
+        if int(info["pending"]) > 0 or idle_ms <= self.forget_idle_ms:
+            return
+        dropped = self._redis.xgroup_delconsumer(stream, group, name)
+        log.info(
+            "removed consumer %s from group %s on %s: nothing pending, idle for %.0fs",
+            name,
+            group,
+            stream,
+            idle_ms / 1000,
+        )
+        if dropped:
+            # It read entries between XINFO and the removal, so it was alive after all.
+            log.warning(
+                "consumer %s of group %s on %s got %d entries while it was being removed; "
+                "they are no longer pending and will not be delivered again",
+                name,
+                group,
+                stream,
+                dropped,
+            )
 
     def _create_groups(self, streams: Sequence[str], group: str) -> None:
         for stream in streams:
@@ -389,18 +552,66 @@ class RedisBus:
             self._claim_cursor[stream] = "0-0"
             log.info("created consumer group %s on %s", group, stream)
 
+    # -- setting entries aside ---------------------------------------------------
+
+    def _set_aside(self, group: str, items: Sequence[tuple[Entry, str]]) -> None:
+        """Copy each entry to the poison stream with its reason, and acknowledge it."""
+        # Records and acknowledgements in one MULTI: never lost, never delivered again.
+        pipe = self._redis.pipeline(transaction=True)
+        for entry, reason in items:
+            record = _poison_fields(entry, reason)
+            pipe.xadd(self.poison_stream, record, maxlen=_POISON_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.xack(entry.stream, group, entry.id)
+        pipe.execute()
+
     @contextmanager
     def _translate(self, operation: str, where: str) -> Iterator[None]:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise TransportError(
-                f"could not {operation} {where}: Redis at {self.where} is unreachable ({exc})"
+                f"could not {operation} {where}: Redis at {self.where} is unreachable "
+                f"({exc}){self._hint}"
             ) from exc
         except redis.RedisError as exc:
             raise TransportError(
                 f"Redis at {self.where} refused to {operation} {where}: {exc}"
             ) from exc
+
+
+def _over_the_cap(times: int) -> str:
+    return (
+        f"delivered {times} times and never acknowledged "
+        "(every reader that took it died or hung); set aside"
+    )
+
+
+def _poison_fields(entry: Entry, reason: str) -> dict[bytes, bytes | str | int]:
+    record: dict[bytes, bytes | str | int] = {
+        b"reason": reason,
+        b"source_id": entry.id,
+        b"source_stream": entry.stream,
+        b"at": now_ms(),
+    }
+    record.update({RAW_PREFIX + name: value for name, value in entry.fields.items()})
+    return record
+
+
+def _poison_record(entry_id: bytes, fields: Mapping[bytes, bytes]) -> PoisonRecord:
+    raw = {k[len(RAW_PREFIX) :]: v for k, v in fields.items() if k.startswith(RAW_PREFIX)}
+    return PoisonRecord(
+        id=_text(entry_id),
+        source_id=_text(fields.get(b"source_id", b"")),
+        reason=fields.get(b"reason", b"").decode("utf-8", "replace"),
+        at=int(fields.get(b"at", b"0")),
+        fields=raw,
+        source_stream=_text(fields.get(b"source_stream", b"")),
+    )
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
 
 
 def _text(value: bytes | str | Any) -> str:

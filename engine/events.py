@@ -148,6 +148,7 @@ class RedisEventLog:
         client_name: str = "events",
         maxlen: int = 100_000,
         claim_idle_seconds: float = 30.0,
+        max_deliveries: int = 10,
     ) -> None:
         def make(name: str) -> RedisBus:
             return RedisBus(
@@ -156,6 +157,7 @@ class RedisEventLog:
                 client_name=f"{client_name}:{name}",
                 maxlen=maxlen,
                 claim_idle_seconds=claim_idle_seconds,
+                max_deliveries=max_deliveries,
             )
 
         self._make: Callable[[str], RedisBus] = make
@@ -174,6 +176,7 @@ class RedisEventLog:
             client_name=f"events:{settings.worker_id}",
             maxlen=settings.redis_stream_maxlen,
             claim_idle_seconds=settings.redis_claim_idle_seconds,
+            max_deliveries=settings.redis_max_deliveries,
         )
 
     @property
@@ -496,7 +499,7 @@ class EventRuntime:
 
     def _malformed(self, service: EventHandlers, entry: Entry, reason: str) -> None:
         log.warning("malformed event %s for %s: %s", entry.id, service.service, reason)
-        metrics.malformed_entry(entry.stream)
+        metrics.set_aside(entry.stream, "malformed")
         fields = _text_fields(entry)
         self.store.add_event_dead_letter(
             handler=service.service,

@@ -130,10 +130,11 @@ PARTICIPANT_REPLIES_UNSENT = Counter(
     "Replies that could not be sent (Redis unreachable); their commands are delivered again.",
     ["command"],
 )
-MALFORMED_ENTRIES = Counter(
-    "saga_malformed_entries",
-    "Malformed entries set aside as poison records, by the stream they came from.",
-    ["stream"],
+POISON_RECORDS = Counter(
+    "saga_poison_records",
+    "Entries set aside on the poison stream, by the stream they came from and why: "
+    "malformed, redelivered (taken over too often, never acknowledged), refused (by the store).",
+    ["stream", "why"],
 )
 
 _SAGA_COUNTERS = {
@@ -213,8 +214,10 @@ def command_waited(command: str, sent_ms: int, started_ms: int) -> None:
     PARTICIPANT_COMMAND_WAIT.labels(command).observe(max(0, started_ms - sent_ms) / 1000)
 
 
-def malformed_entry(stream: str) -> None:
-    MALFORMED_ENTRIES.labels(stream).inc()
+def set_aside(stream: str, why: str) -> None:
+    """An entry of ``stream`` went to the poison stream (``why``: malformed, redelivered,
+    refused)."""
+    POISON_RECORDS.labels(stream, why).inc()
 
 
 # -- gauges read from the store at scrape time ----------------------------------------

@@ -333,7 +333,7 @@ class ParticipantRuntime:
             log.warning("could not acknowledge command %s: %s", entry.id, exc)
 
     def _poison(self, entry: Entry, reason: str) -> None:
-        metrics.malformed_entry(entry.stream)
+        metrics.set_aside(entry.stream, "malformed")
         try:
             self.bus.poison(PARTICIPANTS, entry, reason)
         except TransportError as exc:

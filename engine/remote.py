@@ -686,16 +686,16 @@ class ReplyListener:
             except SQLAlchemyError as exc:
                 if not refused_for_its_data(exc):
                     continue  # stays pending; taken over once the store is back
-                self._poison(entry, f"the store refused it: {_first_line(exc)}")
+                self._poison(entry, f"the store refused it: {_first_line(exc)}", "refused")
                 continue
             self.handled[outcome[0]] += 1
 
-    def _poison(self, entry: Entry, reason: str) -> None:
-        metrics.malformed_entry(entry.stream)
+    def _poison(self, entry: Entry, reason: str, why: str = "malformed") -> None:
+        metrics.set_aside(entry.stream, why)
         try:
             self.bus.poison(WORKERS, entry, reason)
         except TransportError as exc:
-            log.warning("could not set aside malformed reply %s: %s", entry.id, exc)
+            log.warning("could not set aside reply %s (%s): %s", entry.id, why, exc)
 
     def _after_lost_state(self) -> None:
         # The reply group had to be made: the first use, or Redis lost its data,

@@ -37,6 +37,9 @@ class Settings:
     #: A doorbell delivered to a worker and not acknowledged for this long (the worker
     #: died) is taken over by a live worker (XAUTOCLAIM).
     redis_claim_idle_seconds: float = 30.0
+    #: An entry taken over (XAUTOCLAIM) after this many deliveries, none acknowledged
+    #: (every reader that took it died or hung), is set aside on ``<prefix>:poison``.
+    redis_max_deliveries: int = 10
     #: Modules that define sagas, comma-separated (like ``-A``).
     app: tuple[str, ...] = ()
     #: How long a worker's lease on an instance lasts without a heartbeat.
@@ -78,16 +81,15 @@ class Settings:
             database_url=get("SAGA_DATABASE_URL") or cls.database_url,
             redis_url=get("SAGA_REDIS_URL") or None,
             redis_prefix=get("SAGA_REDIS_PREFIX") or cls.redis_prefix,
-            redis_stream_maxlen=int(
-                _number(env, "SAGA_REDIS_STREAM_MAXLEN", cls.redis_stream_maxlen)
-            ),
+            redis_stream_maxlen=_whole(env, "SAGA_REDIS_STREAM_MAXLEN", cls.redis_stream_maxlen),
             redis_claim_idle_seconds=_number(
                 env, "SAGA_REDIS_CLAIM_IDLE_SECONDS", cls.redis_claim_idle_seconds
             ),
+            redis_max_deliveries=_whole(env, "SAGA_REDIS_MAX_DELIVERIES", cls.redis_max_deliveries),
             app=tuple(m.strip() for m in (get("SAGA_APP") or "").split(",") if m.strip()),
             lease_seconds=_number(env, "SAGA_LEASE_SECONDS", cls.lease_seconds),
             poll_seconds=_number(env, "SAGA_POLL_SECONDS", cls.poll_seconds),
-            concurrency=int(_number(env, "SAGA_CONCURRENCY", cls.concurrency)),
+            concurrency=_whole(env, "SAGA_CONCURRENCY", cls.concurrency),
             worker_id=get("SAGA_WORKER_ID") or _default_worker_id(),
             log_format=_choice(env, "SAGA_LOG_FORMAT", ("text", "json"), cls.log_format),
             log_level=(get("SAGA_LOG_LEVEL") or cls.log_level).upper(),
@@ -110,7 +112,7 @@ def _sweep_settings(env: Mapping[str, str]) -> dict[str, Any]:
         "sweep_retention_seconds": _number(
             env, "SAGA_SWEEP_RETENTION_SECONDS", d.sweep_retention_seconds
         ),
-        "sweep_batch": int(_number(env, "SAGA_SWEEP_BATCH", d.sweep_batch)),
+        "sweep_batch": _whole(env, "SAGA_SWEEP_BATCH", d.sweep_batch),
         "sweep_redispatch_seconds": _number(
             env, "SAGA_SWEEP_REDISPATCH_SECONDS", d.sweep_redispatch_seconds
         ),
@@ -129,6 +131,15 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise InvalidInput(name, f"must be positive, got {raw!r}")
     return value
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise InvalidInput(name, f"expected a whole number of 1 or more, got {raw!r}")
+    return int(raw)
 
 
 def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...], default: str) -> str:

@@ -93,7 +93,8 @@ def test_a_participant_counts_and_times_the_commands_it_answers(
     handler = "saga_participant_handler_duration_seconds_count"
     assert total(parsed, handler, command="car.do", outcome="fail") == 1
     assert total(parsed, "saga_participant_command_wait_seconds_count", command="hotel.do") == 2
-    assert total(parsed, "saga_malformed_entries_total", stream=f"{prefix}:commands:hotel") == 1
+    hotel = f"{prefix}:commands:hotel"
+    assert total(parsed, "saga_poison_records_total", stream=hotel, why="malformed") == 1
     assert total(parsed, "saga_participant_busy") == 0
     checked = subprocess.run(
         [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, check=False

@@ -9,9 +9,10 @@ happened once however often a command was delivered.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext
+from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext, metrics
 from engine.bus import PARTICIPANTS, WORKERS, CommandBus, InProcessBus, RedisBus
 from engine.cli import main
 from engine.participant import ParticipantService
@@ -788,3 +789,109 @@ class TestRedisBus(BusContract):
         bus.send(stream, {"after": "flush"})
         [entry] = bus.read([stream], WORKERS, "w1", 1, 1.0)
         assert entry.fields == {b"after": b"flush"} and bus.groups_created == made + 1
+
+
+# -- the Redis bus: the cap on redelivery, dead consumers ---------------------------------
+
+MakeBus = Callable[..., RedisBus]
+
+
+@pytest.fixture
+def make_bus(redis_url: str, prefix: str, client: redis.Redis) -> Iterator[MakeBus]:
+    """Redis buses on this test's prefix, one per reader as in separate processes."""
+    made: list[RedisBus] = []
+
+    def make(**options: Any) -> RedisBus:
+        bus = RedisBus(redis_url, prefix=prefix, **options)
+        made.append(bus)
+        return bus
+
+    yield make
+    for bus in made:
+        bus.close()
+
+
+@pytest.mark.redis
+def test_the_redis_bus_sets_aside_an_entry_taken_over_too_often(
+    make_bus: MakeBus, client: redis.Redis
+) -> None:
+    # Every participant that takes the pill dies (here: never acknowledges it).
+    a, b, c, d = (make_bus(claim_idle_seconds=0.05, max_deliveries=2) for _ in range(4))
+    stream = a.commands_stream("hotel")
+    counted = {"stream": stream, "why": "redelivered"}
+    before = metrics.total(metrics.values(metrics.exposition().decode()), POISONED, **counted)
+    a.send_many([(stream, {"n": "pill"}), (stream, {"n": "other"})])
+    pill, other = a.read([stream], PARTICIPANTS, "a", 10, 1.0)  # delivery 1 of each
+    time.sleep(0.1)
+    assert [e.id for e in b.read([stream], PARTICIPANTS, "b", 1, 0.2)] == [pill.id]  # 2nd
+    time.sleep(0.1)
+
+    # The pill's third delivery is one too many; the other's second is within the cap.
+    [other_again] = c.read([stream], PARTICIPANTS, "c", 10, 0.2)
+    assert other_again.id == other.id
+
+    [record] = c.poison_records()
+    assert record.reason == (
+        "delivered 3 times and never acknowledged "
+        "(every reader that took it died or hung); set aside"
+    )
+    assert (record.source_stream, record.source_id) == (stream, pill.id)
+    assert record.fields == {b"n": b"pill"}
+    pending = client.xpending_range(stream, PARTICIPANTS, "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [other.id]  # the pill is acknowledged
+    c.ack(PARTICIPANTS, [other_again])
+    time.sleep(0.1)
+    assert d.read([stream], PARTICIPANTS, "d", 10, 0.2) == []
+    assert len(d.poison_records()) == 1
+    after = metrics.total(metrics.values(metrics.exposition().decode()), POISONED, **counted)
+    assert after - before == 1
+
+
+POISONED = "saga_poison_records_total"
+
+
+@pytest.mark.redis
+def test_the_redis_bus_removes_consumers_of_dead_readers(
+    make_bus: MakeBus, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine.bus")
+    # Scans every 1 s; the held entry becomes claimable only after 2 s.
+    me = make_bus(claim_idle_seconds=2.0, forget_idle_seconds=0.2)
+    dead, holding = make_bus(), make_bus()
+    stream = me.replies_stream
+    me.send_many([(stream, {"n": str(n)}) for n in range(3)])
+    me.ack(WORKERS, me.read([stream], WORKERS, "me", 1, 1.0))  # its first scan: nobody idle
+    dead.ack(WORKERS, dead.read([stream], WORKERS, "dead", 1, 1.0))  # died holding nothing
+    assert holding.read([stream], WORKERS, "holding", 1, 1.0)  # died holding a reply
+    time.sleep(1.1)
+
+    assert me.read([stream], WORKERS, "me", 10, 0.05) == []  # this scan goes round
+
+    consumers = {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(stream, WORKERS)}
+    assert consumers == {"me": 0, "holding": 1}
+    assert f"removed consumer dead from group {WORKERS} on {stream}" in caplog.text
+
+
+@pytest.mark.redis
+def test_refused_upkeep_calls_do_not_stop_the_redis_bus_reading(
+    make_bus: MakeBus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dies = make_bus()
+    lives = make_bus(claim_idle_seconds=0.05, max_deliveries=1, forget_idle_seconds=0.01)
+    stream = dies.commands_stream("hotel")
+    dies.send(stream, {"n": "1"})
+    [taken] = dies.read([stream], PARTICIPANTS, "dies", 1, 1.0)
+    time.sleep(0.1)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise redis.ResponseError("NOPERM this user has no permissions to run the command")
+
+    # An ACL written before these calls existed refuses them.
+    monkeypatch.setattr(lives.client, "xpending_range", refuse)
+    monkeypatch.setattr(lives.client, "xinfo_consumers", refuse)
+
+    [again] = lives.read([stream], PARTICIPANTS, "lives", 10, 0.2)
+
+    assert again.id == taken.id  # delivered unchecked rather than not at all
+    assert "could not count how often 1 entries" in caplog.text
+    assert "could not remove dead consumers" in caplog.text

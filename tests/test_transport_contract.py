@@ -288,9 +288,11 @@ def test_killed_connections_are_replaced(
 
 def test_an_unreachable_redis_raises_transport_error() -> None:
     transport = RedisStreamsTransport("redis://127.0.0.1:1/0", prefix="nowhere")
-    with pytest.raises(TransportError, match=r"could not publish: Redis at 127\.0\.0\.1:1/0"):
+    with pytest.raises(
+        TransportError, match=r"could not send to nowhere:work: Redis at 127\.0\.0\.1:1/0"
+    ):
         transport.publish(new_id())
-    with pytest.raises(TransportError, match="workers keep polling the store"):
+    with pytest.raises(TransportError, match=r"could not read nowhere:work: .*keep polling"):
         transport.receive(10, 0.1)
     transport.close()
 
@@ -300,3 +302,96 @@ def test_a_prefix_with_spaces_is_refused() -> None:
 
     with pytest.raises(InvalidInput, match="SAGA_REDIS_PREFIX"):
         RedisStreamsTransport("redis://127.0.0.1:6379/0", prefix="my app")
+
+
+# -- Redis only: what the bus underneath does for the doorbells -----------------------
+
+
+@pytest.mark.redis
+def test_a_poison_record_keeps_the_entry_and_says_where_it_came_from(
+    make_redis: MakeRedis, client: redis.Redis, prefix: str
+) -> None:
+    transport = make_redis()
+    source_id = client.xadd(f"{prefix}:work", {"saga_id": "nope", "extra": b"\x00\xff"}).decode()
+    before = int(time.time() * 1000)
+
+    assert transport.receive(10, 0.2) == []
+
+    [record] = transport.poison()
+    assert record.source_id == source_id
+    assert record.source_stream == f"{prefix}:work"
+    assert record.reason == "saga_id 'nope' is not a saga id (a UUID)"
+    assert before - 1000 <= record.at <= int(time.time() * 1000)
+    assert record.fields == {b"saga_id": b"nope", b"extra": b"\x00\xff"}
+    assert client.xpending(f"{prefix}:work", "workers")["pending"] == 0
+
+
+@pytest.mark.redis
+def test_a_doorbell_taken_over_too_often_is_set_aside(
+    make_redis: MakeRedis, client: redis.Redis, prefix: str
+) -> None:
+    # Every worker that takes this doorbell dies (here: never acknowledges it).
+    first, second, third, fourth = (
+        make_redis(consumer=name, claim_idle_seconds=0.05, max_deliveries=2)
+        for name in ("first", "second", "third", "fourth")
+    )
+    saga_id = new_id()
+    first.publish(saga_id)
+    [delivered] = receive_until(first, 1)  # delivery 1
+    time.sleep(0.1)
+    assert second.receive(10, 0.2) == [delivered]  # delivery 2: taken over, within the cap
+    time.sleep(0.1)
+
+    assert third.receive(10, 0.2) == []  # delivery 3 would be one too many
+
+    [record] = third.poison()
+    assert record.reason == (
+        "delivered 3 times and never acknowledged "
+        "(every reader that took it died or hung); set aside"
+    )
+    assert (record.source_id, record.source_stream) == (delivered.message_id, f"{prefix}:work")
+    assert record.fields == {b"saga_id": saga_id.encode()}
+    assert client.xpending(f"{prefix}:work", "workers")["pending"] == 0
+    time.sleep(0.1)
+    assert fourth.receive(10, 0.2) == []
+
+
+@pytest.mark.redis
+def test_consumers_of_dead_workers_are_removed(
+    make_redis: MakeRedis, client: redis.Redis, prefix: str
+) -> None:
+    work = f"{prefix}:work"
+    # Scans every 1 s; the held doorbell becomes claimable only after 2 s.
+    me = make_redis(consumer="me", claim_idle_seconds=2.0, forget_idle_seconds=0.2)
+    dead, holding = make_redis(consumer="dead"), make_redis(consumer="holding")
+    for _ in range(3):
+        me.publish(new_id())
+    me.ack(receive_until(me, 1))  # its first scan went round before anyone was idle
+    dead.ack(receive_until(dead, 1))  # then this worker died holding nothing
+    receive_until(holding, 1)  # this one died holding a doorbell
+    time.sleep(1.1)
+
+    assert me.receive(10, 0.05) == []  # the next scan goes round and looks at the consumers
+
+    consumers = {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(work, "workers")}
+    assert consumers == {"me": 0, "holding": 1}
+
+
+def test_settings_carry_the_redelivery_cap() -> None:
+    from engine.bus import RedisBus
+    from engine.errors import InvalidInput
+    from engine.settings import Settings
+
+    env = {"SAGA_REDIS_URL": "redis://127.0.0.1:1/0", "SAGA_REDIS_MAX_DELIVERIES": "4"}
+    settings = Settings.from_env(env)
+    assert settings.redis_max_deliveries == 4
+    assert Settings.from_env({}).redis_max_deliveries == 10
+    transport, bus = RedisStreamsTransport.from_settings(settings), RedisBus.from_settings(settings)
+    assert transport.max_deliveries == bus.max_deliveries == 4
+    transport.close()
+    bus.close()
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(InvalidInput, match="SAGA_REDIS_MAX_DELIVERIES"):
+            Settings.from_env({**env, "SAGA_REDIS_MAX_DELIVERIES": bad})
+    with pytest.raises(InvalidInput, match="SAGA_REDIS_MAX_DELIVERIES"):
+        RedisStreamsTransport("redis://127.0.0.1:1/0", max_deliveries=0)
