@@ -176,10 +176,12 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
 def _confirm_context(inst: Instance, action: Action, form: ActionForm) -> dict[str, Any]:
     return {
         "inst": inst,
-        "action": action,
         "form": form,
         "label": describe.LABELS[action],
         "consequence": describe.consequence(action, inst),
+        "post_to": url_for("sagas.act", saga_id=inst.id, action_name=action.value),
+        "dangerous": action in (Action.CANCEL, Action.COMPENSATE),
+        "example_reason": "e.g. payment provider outage is over (INC-1234)",
     }
 
 
@@ -316,14 +318,21 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
     inst = services.get().engine.get(saga_id)
     form = ActionForm()
     label, consequence = CHOREO_ACTIONS[action_name]
-    context = {"inst": inst, "form": form, "label": label, "consequence": consequence}
-    context["action_name"] = action_name
+    context = {
+        "inst": inst,
+        "form": form,
+        "label": label,
+        "consequence": consequence,
+        "post_to": url_for("sagas.choreo_act", saga_id=saga_id, action_name=action_name),
+        "dangerous": action_name == "force-compensate",
+        "example_reason": "e.g. shipping lost the order (INC-1234)",
+    }
     if request.method == "GET":
         _check_seen_version(inst, request.args.get("version"))
         form.expected_version.data = inst.version
-        return render_template("confirm_choreography.html", **context)
+        return render_template("confirm.html", **context)
     if not form.validate_on_submit():
-        return render_template("confirm_choreography.html", **context), 400
+        return render_template("confirm.html", **context), 400
     _check_seen_version(inst, str(form.expected_version.data))
     ops = _choreography_operations()
     if action_name == "force-compensate":

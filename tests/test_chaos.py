@@ -12,14 +12,18 @@ It runs ``SAGA_CHAOS_SAGAS`` trips (60 by default, the CI size)::
     SAGA_CHAOS_SAGAS=500 .venv/bin/pytest tests/test_chaos.py
 
 The smaller tests below kill one thing at a time: a participant in the
-middle of a command, and every database connection of every process.
+middle of a command, and every database connection of every process. The
+last one scrapes a participant process's ``--metrics-port`` after a trip
+completed, one was compensated and a malformed command was set aside.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +32,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from engine import SagaEngine, SagaState, Settings
+from engine import SagaEngine, SagaState, Settings, metrics
 from engine import schema as t
+from engine.metrics import total
 from engine.queries import Queries
 from examples import remote_participants
 from examples.travel_booking_remote import book_trip_remote
@@ -38,6 +43,7 @@ from tests.helpers.engines import timeline, wait_for, wait_state
 from tests.helpers.participant import Participant
 from tests.helpers.procs import Processes, participant, worker
 from tests.helpers.remote import remote_travel
+from tests.test_metrics import promtool
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -257,3 +263,53 @@ def terminate_backends(url: str) -> int:
             )
     finally:
         admin.dispose()
+
+
+# -- what a participant process tells Prometheus ----------------------------------------
+
+
+def test_a_participant_counts_and_times_the_commands_it_answers(
+    procs: Processes, starter: SagaEngine, client: redis.Redis, prefix: str
+) -> None:
+    worker(procs, "w1", APP)
+    procs.start("p1", "-A", APP, "participant", "--metrics-port", "0", ready="metrics on http://")
+    url = _metrics_url(procs.log("p1"))
+    client.xadd(f"{prefix}:commands:hotel", {"junk": "not a command"})
+
+    done = starter.start("rtravel", {}).id
+    refused = starter.start("rtravel", {"fatal": {"car": True}}).id
+    wait_state(starter, done, SagaState.COMPLETED, timeout=30)
+    wait_state(starter, refused, SagaState.COMPENSATED, timeout=30)
+    text = _scrape(url)
+    parsed = metrics.values(text)
+
+    answered = "saga_participant_commands_total"
+    assert total(parsed, answered, command="hotel.do", outcome="success") == 2
+    assert total(parsed, answered, command="flight.do", outcome="success") == 2
+    assert total(parsed, answered, command="car.do", outcome="success") == 1
+    assert total(parsed, answered, command="car.do", outcome="fail") == 1
+    assert total(parsed, answered, command="flight.undo", outcome="success") == 1
+    assert total(parsed, answered, command="hotel.undo", outcome="success") == 1
+    # The refused step is undone too: its action may have done something first.
+    assert total(parsed, answered, command="car.undo", outcome="success") == 1
+    handler = "saga_participant_handler_duration_seconds_count"
+    assert total(parsed, handler, command="car.do", outcome="fail") == 1
+    assert total(parsed, "saga_participant_command_wait_seconds_count", command="hotel.do") == 2
+    hotel = f"{prefix}:commands:hotel"
+    assert total(parsed, "saga_poison_records_total", stream=hotel, why="malformed") == 1
+    assert total(parsed, "saga_participant_busy") == 0
+    checked = subprocess.run(
+        [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _metrics_url(log: str) -> str:
+    line = next(line for line in log.splitlines() if "metrics on http://" in line)
+    return line.split("metrics on ", 1)[1].split()[0].replace("0.0.0.0", "127.0.0.1")
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
