@@ -95,9 +95,12 @@ class CommandBus(Protocol):
 
     #: True for the in-process bus: its readers must run in this process.
     in_process: bool
-    #: How many times a reader had to create a consumer group: the first use, or
-    #: Redis lost its data (a flush, a restart without persistence).
-    groups_created: int
+    #: How many times a reader had to create a consumer group, by stream: the first
+    #: use, or Redis lost its data (a flush, a restart without persistence).
+    groups_created: dict[str, int]
+    #: How often a reader should :meth:`keep` the entries it still works on, in seconds;
+    #: None when nothing is ever taken over (the in-process bus).
+    keep_every: float | None
 
     def commands_stream(self, service: str) -> str:
         """The stream that carries commands for ``service``."""
@@ -128,6 +131,10 @@ class CommandBus(Protocol):
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         """Set a malformed entry aside with ``reason``, and acknowledge it."""
 
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        """Say that ``consumer`` still works on ``entries``, so that no other reader takes
+        them over as abandoned; call it every :attr:`keep_every` seconds."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -157,9 +164,10 @@ class InProcessBus:
     """
 
     in_process = True
+    keep_every: float | None = None
 
     def __init__(self) -> None:
-        self.groups_created = 0
+        self.groups_created: dict[str, int] = {}
         self._queues: dict[str, deque[Entry]] = {}
         self._ready = threading.Condition()
         self._next_id = 0
@@ -210,6 +218,9 @@ class InProcessBus:
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         log.warning("malformed entry %s on %s: %s; dropped", entry.id, entry.stream, reason)
         self.poisoned.append((entry, reason))
+
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        return None  # nothing is taken over here
 
     def close(self) -> None:
         return None
@@ -262,9 +273,12 @@ class RedisBus:
         self.poison_stream = f"{prefix}:poison"
         self.maxlen = maxlen
         self.claim_idle_ms = max(1, int(claim_idle_seconds * 1000))
+        # Three times per idle period: a kept entry never looks abandoned, even
+        # when one keep comes late.
+        self.keep_every: float | None = claim_idle_seconds / 3
         self.max_deliveries = max_deliveries
         self.forget_idle_ms = max(1, int(forget_idle_seconds * 1000))
-        self.groups_created = 0
+        self.groups_created: dict[str, int] = {}
         self._claim_every = claim_idle_seconds / 2
         self._forget_every = forget_idle_seconds
         # Per stream; a reader scans at once, for a restarted reader may find a dead one's entries.
@@ -353,6 +367,21 @@ class RedisBus:
         )
         with self._translate("set aside a malformed entry from", entry.stream):
             self._set_aside(group, [(entry, reason)])
+
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        if not entries:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        with self._translate("keep entries in hand on", ", ".join(by_stream)):
+            # XCLAIM to the holder itself resets the entries' idle time; JUSTID
+            # leaves their delivery count alone, so a long handler is neither
+            # taken over nor mistaken for a poison pill.
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xclaim(stream, group, consumer, 0, ids, justid=True)  # type: ignore[arg-type]
+            pipe.execute()
 
     def poison_records(self, count: int = 100) -> list[PoisonRecord]:
         """The newest ``count`` records of the poison stream, newest first."""
@@ -548,7 +577,7 @@ class RedisBus:
                 if not str(exc).startswith("BUSYGROUP"):
                     raise
                 continue
-            self.groups_created += 1
+            self.groups_created[stream] = self.groups_created.get(stream, 0) + 1
             self._claim_cursor[stream] = "0-0"
             log.info("created consumer group %s on %s", group, stream)
 

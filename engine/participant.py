@@ -132,8 +132,9 @@ class ParticipantRuntime:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._bus_down = False
-        self._in_hand = 0
-        self._count_lock = threading.Lock()
+        #: The commands being handled, by entry id: kept from being taken over.
+        self._in_hand: dict[str, Entry] = {}
+        self._lock = threading.Lock()
         #: How many commands ended in each outcome (and how many were dropped as expired).
         self.counts: dict[str, int] = {**dict.fromkeys(Outcome, 0), "expired": 0}
 
@@ -171,6 +172,8 @@ class ParticipantRuntime:
             ", ".join(self.services),
             self.concurrency,
         )
+        drained = threading.Event()
+        keeper = self._start_keeper(drained)
         while not self._stopping.is_set():
             free = self._free_slots()
             if free == 0:
@@ -179,7 +182,37 @@ class ParticipantRuntime:
             for entry in self._read(free):
                 self._take(entry)
         self._pool.shutdown(wait=True)
+        drained.set()
+        if keeper is not None:
+            keeper.join()
         log.info("participant %s stopped", self.consumer)
+
+    # -- keeping the commands in hand ----------------------------------------------
+
+    def _start_keeper(self, drained: threading.Event) -> threading.Thread | None:
+        # A handler may run longer than the idle time after which other readers
+        # take an entry over as abandoned; that would run it twice at once (and,
+        # after enough takeovers, set it aside as a poison pill). So the commands
+        # in hand are kept, a few times per idle period, until they are answered.
+        every = self.bus.keep_every
+        if every is None:
+            return None
+        keeper = threading.Thread(
+            target=self._keep_in_hand, args=(every, drained), name="saga-keeper", daemon=True
+        )
+        keeper.start()
+        return keeper
+
+    def _keep_in_hand(self, every: float, drained: threading.Event) -> None:
+        while not drained.wait(every):
+            with self._lock:
+                entries = list(self._in_hand.values())
+            try:
+                self.bus.keep(PARTICIPANTS, self.consumer, entries)
+            except TransportError as exc:
+                log.warning(
+                    "participant %s: could not keep commands in hand: %s", self.consumer, exc
+                )
 
     # -- reading ------------------------------------------------------------------
 
@@ -219,6 +252,8 @@ class ParticipantRuntime:
             self._ack(entry)
             return
         self._slots.acquire()
+        with self._lock:
+            self._in_hand[entry.id] = entry
         self._pool.submit(self._serve, entry, command)
 
     # -- running a command ----------------------------------------------------------
@@ -236,6 +271,8 @@ class ParticipantRuntime:
                 else:
                     metrics.PARTICIPANT_REPLIES_UNSENT.labels(label).inc()
         finally:
+            with self._lock:
+                self._in_hand.pop(entry.id, None)
             metrics.PARTICIPANT_BUSY.dec()
             self._slots.release()
 
@@ -340,7 +377,7 @@ class ParticipantRuntime:
             log.warning("could not set aside malformed command %s: %s", entry.id, exc)
 
     def _count(self, what: str) -> None:
-        with self._count_lock:
+        with self._lock:
             self.counts[what] = self.counts.get(what, 0) + 1
 
     def _wait_for_a_slot(self) -> None:

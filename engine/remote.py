@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -614,7 +615,7 @@ class ReplyListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bus_down = False
-        self._groups_seen = self.bus.groups_created
+        self._groups_seen = self._reply_groups_made()
         self.handled: dict[Handled, int] = dict.fromkeys(Handled, 0)
 
     def start(self) -> ReplyListener:
@@ -659,6 +660,7 @@ class ReplyListener:
                 good.append((entry, Reply.from_fields(entry.fields)))
             except BadMessage as exc:
                 self._poison(entry, str(exc))
+        kept_at = time.monotonic()
         while good and not self._stop.is_set():
             try:
                 outcomes = self.handler.handle_batch(
@@ -671,11 +673,25 @@ class ReplyListener:
                 # Nothing was written: keep the replies and try again.
                 log.warning("store error recording %d replies, retrying: %s", len(good), exc)
                 self._stop.wait(self.retry_seconds)
+                kept_at = self._keep_if_due([entry for entry, _ in good], kept_at)
                 continue
             for outcome in outcomes:
                 self.handled[outcome] += 1
             return
         # Stopping with replies unrecorded: they stay pending for another worker.
+
+    def _keep_if_due(self, entries: list[Entry], kept_at: float) -> float:
+        # While the store is down this worker holds its replies: other workers
+        # must not take them over (each takeover counts towards the redelivery
+        # cap, and they could not record them either).
+        every = self.bus.keep_every
+        if every is None or time.monotonic() - kept_at < every:
+            return kept_at
+        try:
+            self.bus.keep(WORKERS, self.consumer, entries)
+        except TransportError as exc:
+            log.warning("could not keep %d replies in hand: %s", len(entries), exc)
+        return time.monotonic()
 
     def _isolate(self, batch: list[tuple[Entry, Reply]]) -> None:
         """The store refused the batch for what is in it: record the replies one by one
@@ -697,13 +713,18 @@ class ReplyListener:
         except TransportError as exc:
             log.warning("could not set aside reply %s (%s): %s", entry.id, why, exc)
 
+    def _reply_groups_made(self) -> int:
+        return self.bus.groups_created.get(self.bus.replies_stream, 0)
+
     def _after_lost_state(self) -> None:
         # The reply group had to be made: the first use, or Redis lost its data,
         # commands in flight included. Sending those again is safe: participants
-        # run each effect once per key, and a repeated reply is discarded.
-        if self.bus.groups_created == self._groups_seen:
+        # run each effect once per key, and a repeated reply is discarded. (Only
+        # this group counts: participants sharing the bus make groups of their own.)
+        made = self._reply_groups_made()
+        if made == self._groups_seen:
             return
-        self._groups_seen = self.bus.groups_created
+        self._groups_seen = made
         try:
             resend_in_flight(self.engine)
         except (SQLAlchemyError, TransportError) as exc:

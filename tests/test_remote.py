@@ -784,11 +784,12 @@ class TestRedisBus(BusContract):
     ) -> None:
         stream = bus.replies_stream
         bus.read([stream], WORKERS, "w1", 1, 0.05)
-        made = bus.groups_created
+        made = bus.groups_created.get(stream, 0)
         client.flushdb()
         bus.send(stream, {"after": "flush"})
         [entry] = bus.read([stream], WORKERS, "w1", 1, 1.0)
-        assert entry.fields == {b"after": b"flush"} and bus.groups_created == made + 1
+        assert entry.fields == {b"after": b"flush"}
+        assert bus.groups_created == {stream: made + 1}
 
 
 # -- the Redis bus: the cap on redelivery, dead consumers ---------------------------------
@@ -895,3 +896,50 @@ def test_refused_upkeep_calls_do_not_stop_the_redis_bus_reading(
     assert again.id == taken.id  # delivered unchecked rather than not at all
     assert "could not count how often 1 entries" in caplog.text
     assert "could not remove dead consumers" in caplog.text
+
+
+@pytest.mark.redis
+def test_an_entry_kept_by_its_reader_is_not_taken_over_nor_counted(
+    make_bus: MakeBus, client: redis.Redis
+) -> None:
+    holder, other = (make_bus(claim_idle_seconds=0.3) for _ in range(2))
+    stream = holder.commands_stream("hotel")
+    holder.send(stream, {"n": "long"})
+    [entry] = holder.read([stream], PARTICIPANTS, "holder", 1, 1.0)
+
+    for _ in range(6):  # 1.2 s in all: four idle periods, kept every 0.2 s
+        time.sleep(0.2)
+        holder.keep(PARTICIPANTS, "holder", [entry])
+        assert other.read([stream], PARTICIPANTS, "other", 1, 0.0) == []
+
+    [pending] = client.xpending_range(stream, PARTICIPANTS, "-", "+", 1)
+    assert (pending["consumer"], pending["times_delivered"]) == (b"holder", 1)
+    time.sleep(0.4)  # no longer kept: the holder is gone
+    [taken] = other.read([stream], PARTICIPANTS, "other", 1, 0.0)
+    assert taken.id == entry.id
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_a_handler_longer_than_the_idle_period_runs_once(
+    on_redis: Deployment, pg_participant: Participant
+) -> None:
+    # Another participant of the service scans for abandoned commands every 0.25 s;
+    # the hotel's handler takes 2 s, four times the idle period.
+    engine = on_redis.engine(remote_travel(timeout=20.0), redis_claim_idle_seconds=0.5)
+    on_redis.participant(engine, service(pg_participant))
+    other = on_redis.engine(
+        remote_travel(timeout=20.0), worker_id="w2", redis_claim_idle_seconds=0.5
+    )
+    on_redis.participant(other, service(pg_participant))
+    on_redis.worker(engine)
+    # A worker that makes the reply group sends the commands in flight again (Redis
+    # may have lost them): warm up first, so that the only repeat could be a takeover.
+    wait_state(engine, engine.start("rtravel", {}).id, SagaState.COMPLETED)
+
+    saga_id = engine.start("rtravel", {"sleep": {"hotel": 2}}).id
+
+    done = wait_state(engine, saga_id, SagaState.COMPLETED, timeout=30)
+    assert [c.step for c in pg_participant.calls(saga_id)] == ["hotel", "flight", "car"]
+    assert done.steps[0].attempts == 1
+    assert events(engine, saga_id, "result_discarded") == []
