@@ -77,6 +77,8 @@ class EventLog(Protocol):
     """An append-only log of events, read through consumer groups."""
 
     in_process: bool
+    #: How often to :meth:`keep` the entries in hand, in seconds; None: never needed.
+    keep_every: float | None
 
     def append(self, fields: Mapping[str, str]) -> None:
         """Append one event's fields; raises :class:`~engine.errors.TransportError`."""
@@ -90,6 +92,9 @@ class EventLog(Protocol):
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         """Set a malformed entry aside and acknowledge it."""
 
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        """Say that ``consumer`` still works on ``entries`` (see ``CommandBus.keep``)."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -98,6 +103,7 @@ class InProcessEventLog:
     """Events shared by the threads of one process; each group reads every event once."""
 
     in_process = True
+    keep_every: float | None = None
 
     def __init__(self) -> None:
         self._entries: list[Entry] = []
@@ -126,6 +132,9 @@ class InProcessEventLog:
 
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         self.poisoned.append((group, entry, reason))
+
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        return None  # nothing is taken over in one process
 
     def close(self) -> None:
         return None
@@ -163,6 +172,7 @@ class RedisEventLog:
         self._make: Callable[[str], RedisBus] = make
         self._writer = self._make("publish")
         self.stream = f"{self._writer.prefix}:events"
+        self.keep_every = self._writer.keep_every
         self._readers: dict[str, RedisBus] = {}
         self._lock = threading.Lock()
 
@@ -195,6 +205,9 @@ class RedisEventLog:
 
     def poison(self, group: str, entry: Entry, reason: str) -> None:
         self._reader(group).poison(group, entry, reason)
+
+    def keep(self, group: str, consumer: str, entries: Sequence[Entry]) -> None:
+        self._reader(group).keep(group, consumer, entries)
 
     def close(self) -> None:
         self._writer.close()
@@ -393,6 +406,8 @@ class EventRuntime:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        #: Per service, the entries read and not yet acknowledged: kept from takeover.
+        self._in_hand: dict[str, list[Entry]] = {}
         #: Handled events, failed handler runs and dead letters, for tests and the benchmark.
         self.counts = {"handled": 0, "failed": 0, "dead_lettered": 0, "malformed": 0}
         self._guards = {s.service: IdempotencyGuard(store.db, s.service) for s in services}
@@ -405,7 +420,26 @@ class EventRuntime:
             thread.daemon = True
             thread.start()
             self._threads.append(thread)
+        if self.log.keep_every is not None:
+            # A batch is handled one event after the other; the last ones may wait
+            # longer than the idle time after which another process would take
+            # them over and handle them a second time.
+            keeper = threading.Thread(
+                target=self._keep_in_hand, args=(self.log.keep_every,), name="saga-events-keeper"
+            )
+            keeper.daemon = True
+            keeper.start()
         return self
+
+    def _keep_in_hand(self, every: float) -> None:
+        while not self._stopping.wait(every):
+            with self._lock:
+                in_hand = {group: list(entries) for group, entries in self._in_hand.items()}
+            for group, entries in in_hand.items():
+                try:
+                    self.log.keep(group, self.consumer, entries)
+                except TransportError as exc:
+                    log.warning("events %s: could not keep events in hand: %s", group, exc)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop reading; finish the events in hand; True if every thread ended in time."""
@@ -432,9 +466,15 @@ class EventRuntime:
                 self._stopping.wait(1.0)
                 continue
             down = False
-            for entry in entries:
+            self._hold(service.service, entries)
+            for done, entry in enumerate(entries, start=1):
                 self.handle(service, entry)
                 self.log.ack(service.service, [entry])
+                self._hold(service.service, entries[done:])
+
+    def _hold(self, group: str, entries: list[Entry]) -> None:
+        with self._lock:
+            self._in_hand[group] = entries
 
     def _flag_stuck(self, tracker: Tracker) -> None:
         try:

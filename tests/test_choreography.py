@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -331,6 +332,36 @@ class TestEventBus:
             assert seen["a"] == [first]  # the guard absorbed the duplicate
         finally:
             rt.stop()
+            store.dispose()
+
+    def test_a_slow_batch_is_kept_by_its_reader_and_handled_once(
+        self, redis_url: str, prefix: str, sqlite_url: str
+    ) -> None:
+        # Four events of 0.4 s each: the last waits 1.2 s in the batch, four times
+        # the idle period after which a second process would take it over.
+        log_ = RedisEventLog(redis_url, prefix=prefix, claim_idle_seconds=0.3)
+        store = open_store(sqlite_url)
+        calls: list[tuple[str, str]] = []
+        slow = EventHandlers("slow")
+
+        @slow.on("Ping")
+        def on_ping(ctx: EventContext) -> None:
+            calls.append((ctx.event.id, threading.current_thread().name))
+            time.sleep(0.4)
+
+        bus = EventBus(log_)
+        sent = [bus.publish("Ping", {"n": n}, correlation_id="c") for n in range(4)]
+        first = runtime([slow], log_, store, "one")
+        wait_until(lambda: bool(calls))
+        second = runtime([slow], log_, store, "two")
+        try:
+            wait_until(lambda: first.counts["handled"] + second.counts["handled"] == 4)
+            time.sleep(0.5)  # room for a takeover, if there was one
+            assert sorted(event_id for event_id, _ in calls) == sorted(sent)
+        finally:
+            first.stop()
+            second.stop()
+            log_.close()
             store.dispose()
 
     def test_a_handler_that_keeps_failing_has_the_event_dead_lettered(
