@@ -159,8 +159,15 @@ class Store:
         with self._single_statement(conn) as c:
             inst = transition.instance
             if not self._insert_new(c, transition, actor):
-                existing = self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
-                return existing, False
+                existing = (
+                    self._load(c, inst.id)
+                    if inst.idempotency_key is None
+                    else self._find_by_idempotency_key(c, inst.saga_name, inst.idempotency_key)
+                )
+                if existing.id != inst.id:
+                    return existing, False
+                # This very insert: an earlier try committed before its connection
+                # dropped (retry_on_disconnect), so the instance is new all the same.
         metrics.transition_saved(None, inst, transition.events)
         return inst, True
 

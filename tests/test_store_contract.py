@@ -99,6 +99,21 @@ class TestStoreContract:
         assert store.create(fresh(None), "api")[1]
         assert count(store, t.instances) == 4
 
+    @pytest.mark.parametrize("key", [None, "order-9"])
+    def test_an_insert_tried_again_after_its_commit_counts_as_new(
+        self, store: Store, key: str | None
+    ) -> None:
+        # retry_on_disconnect runs a start again when the connection dropped, and
+        # the first try may have committed before it did: still one new instance,
+        # and "created", so that its first command or doorbell goes out.
+        tr = fresh(key)
+        store.create(tr, "api")
+        again, created = store.create(tr, "api")
+        assert created and again == tr.instance
+        assert count(store, t.instances) == 1
+        other, created = store.create(fresh(key), "api") if key else (None, False)
+        assert not created and (other is None or other.id == tr.instance.id)
+
     def test_racing_creates_with_one_key_make_one_instance(self, store: Store) -> None:
         barrier = threading.Barrier(6)
         results: list[tuple[Instance, bool]] = []
