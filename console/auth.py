@@ -186,7 +186,7 @@ def set_role(name: str) -> ResponseReturnValue:
     form = RoleForm()
     if not form.validate_on_submit():
         raise InvalidInput("role", "choose one of " + ", ".join(r.value for r in Role))
-    user = services.get().users.set_role(name, form.role.data)
+    user = services.get().users.set_role(name, form.role.data, actor=current_user.name)
     current_app.logger.info("admin %s made %s %s", current_user.name, user.name, user.role)
     flash(f"{user.name} is now {user.role}.")
     return redirect(url_for("auth.users"))
@@ -197,7 +197,7 @@ def set_role(name: str) -> ResponseReturnValue:
 def set_disabled(name: str, change: str) -> ResponseReturnValue:
     if not PostForm().validate_on_submit():
         abort(400, "The form was incomplete; use the buttons on the users page.")
-    user = services.get().users.set_disabled(name, change == "disable")
+    user = services.get().users.set_disabled(name, change == "disable", actor=current_user.name)
     current_app.logger.info("admin %s %sd user %s", current_user.name, change, user.name)
     flash(f"{user.name} is {'disabled' if user.disabled else 'enabled'}.")
     return redirect(url_for("auth.users"))
@@ -208,6 +208,7 @@ def _users_page(form: AddUserForm) -> str:
         "users.html",
         form=form,
         users=services.get().users.list_users(),
+        changes=services.get().users.recent_changes(),
         role_form=RoleForm(),
         post_form=PostForm(),
         roles=list(Role),

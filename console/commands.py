@@ -8,6 +8,7 @@ settings and ``-A`` modules; run on their own (tests), they read the same
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -86,7 +87,7 @@ def user_group() -> None:
 )
 def add_user(name: str, role: str, password: str) -> None:
     """Create console user NAME."""
-    user = _run(lambda users: users.add(name, password, role, created_by="saga user add"))
+    user = _run(lambda users: users.add(name, password, role, created_by=_cli_actor()))
     click.echo(f"added {user.name} ({user.role})")
 
 
@@ -103,7 +104,7 @@ def list_users() -> None:
 @click.argument("role", type=click.Choice(ROLES))
 def set_role(name: str, role: str) -> None:
     """Change the role of console user NAME."""
-    user = _run(lambda users: users.set_role(name, role))
+    user = _run(lambda users: users.set_role(name, role, actor=_cli_actor()))
     click.echo(f"{user.name} is now {user.role}")
 
 
@@ -112,8 +113,13 @@ def set_role(name: str, role: str) -> None:
 @click.option("--enable", is_flag=True, help="Enable the user again instead.")
 def disable(name: str, enable: bool) -> None:
     """Disable console user NAME (their sessions end at their next request)."""
-    user = _run(lambda users: users.set_disabled(name, not enable))
+    user = _run(lambda users: users.set_disabled(name, not enable, actor=_cli_actor()))
     click.echo(f"{user.name} is {'disabled' if user.disabled else 'enabled'}")
+
+
+def _cli_actor() -> str:
+    """Who changes users from the command line, for the record: the shell's user."""
+    return f"cli:{os.environ.get('USER') or 'unknown'}"
 
 
 def _cli() -> Cli | None:
@@ -173,8 +179,8 @@ def start_demo_console(engine: SagaEngine, host: str, port: int) -> tuple[Consol
     if users.by_name(DEMO_ADMIN) is None:
         users.add(DEMO_ADMIN, password, Role.ADMIN, created_by="saga demo")
     else:
-        users.set_password(DEMO_ADMIN, password)
-        users.set_disabled(DEMO_ADMIN, False)
+        users.set_password(DEMO_ADMIN, password, actor="saga demo")
+        users.set_disabled(DEMO_ADMIN, False, actor="saga demo")
     # The demo's process restarts with a new key anyway; no need to warn about it.
     config = {"SAGA_ENGINE": engine, "SECRET_KEY": secrets.token_hex(32)}
     server = ConsoleServer(create_app(config), host, port, access_log=False)

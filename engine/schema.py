@@ -241,6 +241,21 @@ users = sa.Table(
     sa.Index("uq_saga_users_name", "name", unique=True),
 )
 
+# Changes to console users (migration 0009): who added, promoted, demoted,
+# disabled or re-enabled whom, and when. Kept apart from the operator actions,
+# which are about saga instances.
+user_changes = sa.Table(
+    "saga_user_changes",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", Millis, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(20), nullable=False),
+    sa.Column("user_name", sa.String(150), nullable=False),
+    sa.Column("detail", JsonType, nullable=True),
+    sa.Index("ix_saga_user_changes_at", "at"),
+)
+
 # Failed console sign-ins (migration 0008), one row each, shared by every console
 # process so that the limit holds however many gunicorn workers or hosts serve it.
 login_failures = sa.Table(

@@ -3,11 +3,14 @@
 The console signs people in against this table; ``saga user add`` fills it.
 Passwords are stored only as werkzeug hashes (scrypt). There is no default
 user: only ``saga demo`` creates one, with a generated password it prints once.
+Every change (added, role, disabled, enabled, password) is recorded in
+``saga_user_changes`` with who made it, in the same transaction.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -65,6 +68,17 @@ class User:
         return not self.disabled
 
 
+@dataclass(frozen=True)
+class UserChange:
+    """One change to a console user, as recorded."""
+
+    at: int
+    actor: str
+    action: str  # add, set_role, disable, enable, set_password
+    user_name: str
+    detail: dict[str, Any] | None
+
+
 class UserStore:
     """Reads and writes the ``saga_users`` table."""
 
@@ -92,6 +106,7 @@ class UserStore:
                     created_by=created_by,
                 )
             )
+            _record(c, now, created_by or "api", "add", name, {"role": str(role)})
             return _user(self._row(c, name))
 
     def get(self, user_id: int) -> User | None:
@@ -145,26 +160,39 @@ class UserStore:
         with self.db.begin() as c:
             c.execute(t.login_failures.delete().where(t.login_failures.c.key == key))
 
-    def set_role(self, name: str, role: Role | str) -> User:
+    def set_role(self, name: str, role: Role | str, *, actor: str = "api") -> User:
         """Change a user's role; refuses to demote the last enabled admin."""
         role = parse_role(role)
-        return self._update(name, {"role": str(role)}, demotes=role is not Role.ADMIN)
+        change = _Change(actor, "set_role", lambda row: {"before": row["role"], "after": str(role)})
+        return self._update(name, {"role": str(role)}, change, demotes=role is not Role.ADMIN)
 
-    def set_disabled(self, name: str, disabled: bool) -> User:
+    def set_disabled(self, name: str, disabled: bool, *, actor: str = "api") -> User:
         """Disable (or re-enable) a user; refuses to disable the last enabled admin."""
-        return self._update(name, {"disabled": disabled}, demotes=disabled)
+        change = _Change(actor, "disable" if disabled else "enable", lambda row: None)
+        return self._update(name, {"disabled": disabled}, change, demotes=disabled)
 
-    def set_password(self, name: str, password: str) -> User:
+    def set_password(self, name: str, password: str, *, actor: str = "api") -> User:
         _check_password(password)
         hashed = generate_password_hash(password, method=PASSWORD_HASH_METHOD)
-        return self._update(name, {"password_hash": hashed}, demotes=False)
+        change = _Change(actor, "set_password", lambda row: None)
+        return self._update(name, {"password_hash": hashed}, change, demotes=False)
+
+    def recent_changes(self, limit: int = 50) -> list[UserChange]:
+        """The newest ``limit`` changes to users, newest first."""
+        u = t.user_changes.c
+        query = sa.select(t.user_changes).order_by(u.at.desc(), u.id.desc()).limit(limit)
+        with self.db.connect() as c:
+            return [
+                UserChange(r.at, r.actor, r.action, r.user_name, r.detail) for r in c.execute(query)
+            ]
 
     def count(self) -> int:
         with self.db.connect() as c:
             return int(c.execute(sa.select(sa.func.count()).select_from(t.users)).scalar_one())
 
-    def _update(self, name: str, values: dict[str, Any], *, demotes: bool) -> User:
+    def _update(self, name: str, values: dict[str, Any], change: _Change, *, demotes: bool) -> User:
         name = name.strip().lower()
+        now = now_ms()
         with self.db.begin() as c:
             row = self._row(c, name)
             if row is None:
@@ -174,10 +202,9 @@ class UserStore:
                     "user", f"{name!r} is the last enabled admin; make someone else admin first"
                 )
             c.execute(
-                t.users.update()
-                .where(t.users.c.id == row["id"])
-                .values(updated_at=now_ms(), **values)
+                t.users.update().where(t.users.c.id == row["id"]).values(updated_at=now, **values)
             )
+            _record(c, now, change.actor, change.action, name, change.detail(row))
             return _user(self._row(c, name))
 
     def _row(self, c: Connection, name: str) -> Any:
@@ -187,6 +214,26 @@ class UserStore:
         u = t.users.c
         query = sa.select(sa.func.count()).where(u.role == str(Role.ADMIN), u.disabled.is_(False))
         return int(c.execute(query).scalar_one())
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What a change to a user is recorded as; ``detail`` reads the row before it."""
+
+    actor: str
+    action: str
+    detail: Callable[[Any], dict[str, Any] | None]
+
+
+def _record(
+    c: Connection, at: int, actor: str, action: str, user: str, detail: dict[str, Any] | None
+) -> None:
+    actor = (actor or "").strip()[:200] or "api"
+    c.execute(
+        t.user_changes.insert().values(
+            at=at, actor=actor, action=action, user_name=user, detail=detail
+        )
+    )
 
 
 def normalise_name(name: str) -> str:

@@ -52,6 +52,23 @@ class TestUsersPage:
         assert admin.post("/users/viewer/role", data={"role": "operator"}).status_code == 302
         assert app.extensions["saga"].users.by_name("viewer").role is Role.OPERATOR
 
+    def test_every_change_is_recorded_with_who_made_it(
+        self, admin: FlaskClient, app: Flask
+    ) -> None:
+        admin.post("/users", data={"name": "Dana", "role": "viewer", "password": "a long secret"})
+        admin.post("/users/dana/role", data={"role": "operator"})
+        admin.post("/users/dana/disable")
+        admin.post("/users/nobody/disable")  # refused: nothing recorded
+
+        changes = app.extensions["saga"].users.recent_changes()
+        assert [(c.actor, c.action, c.user_name, c.detail) for c in changes[:3]] == [
+            ("admin", "disable", "dana", None),
+            ("admin", "set_role", "dana", {"before": "viewer", "after": "operator"}),
+            ("admin", "add", "dana", {"role": "viewer"}),
+        ]
+        html = text(admin.get("/users")).split('id="user-changes"')[1]
+        assert "set role: viewer → operator" in html and "disable" in html
+
     def test_disables_and_enables(self, admin: FlaskClient, app: Flask) -> None:
         assert admin.post("/users/operator/disable").status_code == 302
         assert app.extensions["saga"].users.by_name("operator").disabled
@@ -169,13 +186,27 @@ class TestUserCommands:
         assert "added bob (viewer)" in result.output
         assert PASSWORD not in result.output
 
-    def test_list_set_role_and_disable(self, runner: CliRunner) -> None:
+    def test_list_set_role_and_disable(
+        self, runner: CliRunner, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("USER", "grace")
         runner.invoke(user_group, ["add", "ann", "--role", "admin", "--password", PASSWORD])
         runner.invoke(user_group, ["add", "bob", "--password", PASSWORD])
         assert runner.invoke(user_group, ["set-role", "bob", "operator"]).exit_code == 0
         assert runner.invoke(user_group, ["disable", "bob"]).exit_code == 0
         listed = runner.invoke(user_group, ["list"]).output
         assert "ann\tadmin\tactive" in listed and "bob\toperator\tdisabled" in listed
+        store = open_store(sqlite_url)
+        try:
+            changes = UserStore(store.db).recent_changes()
+        finally:
+            store.dispose()
+        assert [(c.actor, c.action, c.user_name) for c in changes] == [
+            ("cli:grace", "disable", "bob"),
+            ("cli:grace", "set_role", "bob"),
+            ("cli:grace", "add", "bob"),
+            ("cli:grace", "add", "ann"),
+        ]
 
     def test_errors_are_reported_without_a_traceback(self, runner: CliRunner) -> None:
         runner.invoke(user_group, ["add", "ann", "--password", PASSWORD])
