@@ -44,7 +44,8 @@ class IdempotencyGuard:
         """As :meth:`run_once`, inside the caller's transaction (a transactional step)."""
         if self._claim(conn, key):
             result = effect(conn)
-            conn.execute(_STORE_RESULT, {"b_key": key, "result": _jsonable(result)})
+            if result is not None:  # the claimed row's result is NULL already: a statement saved
+                conn.execute(_STORE_RESULT, {"b_key": key, "result": _jsonable(result)})
             return result
         replayed: T = self._replay(conn, key)
         return replayed

@@ -47,6 +47,15 @@ def test_the_effect_runs_once_per_key_and_replays_its_result(participant: Partic
     assert guard.seen("k1") and not guard.seen("k3")
 
 
+@pytest.mark.parametrize("result", [None, 0, "", [], {"receipt": None}])
+def test_every_result_is_replayed_as_it_was(participant: Participant, result: object) -> None:
+    guard = IdempotencyGuard(participant.db, "payments")
+    ran: list[object] = []
+    first = guard.run_once("k", lambda conn: ran.append(result) or result)
+    assert guard.run_once("k", lambda conn: ran.append(result) or result) == first == result
+    assert ran == [result]
+
+
 def test_a_failing_effect_leaves_no_key_so_the_next_try_runs_it(participant: Participant) -> None:
     guard = IdempotencyGuard(participant.db, "payments")
 
