@@ -1,10 +1,10 @@
 """The operator console: a Flask + htmx client of the engine's operations and queries.
 
 ``create_app()`` is the factory (``gunicorn 'console:create_app()'``); the
-blueprints are one per area (auth, sagas, dead letters, bulk recovery,
-step-duration charts, audit, health). Views parse input,
-call :mod:`engine.operations` / :mod:`engine.queries` / :mod:`engine.users`,
-and render templates from the top-level ``templates/`` folder.
+blueprints are one per area (auth, sagas, dead letters, entries set aside
+on the poison stream, bulk recovery, step-duration charts, audit, health).
+Views parse input, call :mod:`engine.operations` / :mod:`engine.queries` /
+:mod:`engine.users`, and render templates from the top-level ``templates/`` folder.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import console.errors
 import console.formatting
 import console.health
 import console.metrics
+import console.poison
 import console.sagas
 import console.services
 from engine.errors import InvalidInput
@@ -65,7 +66,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
         app.register_blueprint(blueprint)
     console.bulk.init_app(app)
-    for area in (console.deadletters.bp, console.bulk.bp, console.charts.bp):
+    for area in (console.deadletters.bp, console.poison.bp, console.bulk.bp, console.charts.bp):
         app.register_blueprint(area)
     app.register_blueprint(console.metrics.bp)
     app.add_url_rule("/", "index", console.sagas.index)

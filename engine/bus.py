@@ -627,14 +627,21 @@ def _poison_fields(entry: Entry, reason: str) -> dict[bytes, bytes | str | int]:
 
 
 def _poison_record(entry_id: bytes, fields: Mapping[bytes, bytes]) -> PoisonRecord:
+    # Anyone who can write to Redis can write here too: read every field leniently,
+    # so that one odd record never hides the others from an operator.
     raw = {k[len(RAW_PREFIX) :]: v for k, v in fields.items() if k.startswith(RAW_PREFIX)}
+
+    def text(name: bytes) -> str:
+        return fields.get(name, b"").decode("utf-8", "replace")
+
+    at = text(b"at")
     return PoisonRecord(
         id=_text(entry_id),
-        source_id=_text(fields.get(b"source_id", b"")),
-        reason=fields.get(b"reason", b"").decode("utf-8", "replace"),
-        at=int(fields.get(b"at", b"0")),
+        source_id=text(b"source_id"),
+        reason=text(b"reason"),
+        at=int(at) if at.isascii() and at.isdigit() else 0,
         fields=raw,
-        source_stream=_text(fields.get(b"source_stream", b"")),
+        source_stream=text(b"source_stream"),
     )
 
 

@@ -943,3 +943,17 @@ def test_a_handler_longer_than_the_idle_period_runs_once(
     assert [c.step for c in pg_participant.calls(saga_id)] == ["hotel", "flight", "car"]
     assert done.steps[0].attempts == 1
     assert events(engine, saga_id, "result_discarded") == []
+
+
+@pytest.mark.redis
+def test_odd_poison_records_are_read_leniently(make_bus: MakeBus, client: redis.Redis) -> None:
+    # Whoever can write to Redis can write to the poison stream: such a record must
+    # not hide the others (the console lists them).
+    bus = make_bus()
+    client.xadd(bus.poison_stream, {"reason": "fine", "at": "1700000000000", "raw:a": "b"})
+    client.xadd(bus.poison_stream, {"reason": b"\xff<b>", "at": "soon", "source_stream": b"\xfe"})
+
+    odd, fine = bus.poison_records()
+
+    assert (odd.reason, odd.at, odd.source_stream) == ("\ufffd<b>", 0, "\ufffd")
+    assert (fine.reason, fine.at, fine.fields) == ("fine", 1_700_000_000_000, {b"a": b"b"})
