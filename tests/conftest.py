@@ -9,10 +9,12 @@ skipping: a green CI must mean the store suite ran on both backends.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from engine.migrate import upgrade
@@ -90,8 +92,6 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def redis_url(worker_id: str) -> str:
     """A Redis database of this test worker's own: tests that flush it touch nobody else."""
-    import redis
-
     index = int(worker_id[2:]) if worker_id.startswith("gw") else 0
     # SAGA_TEST_REDIS_URL's database number is the first xdist worker's; the next count down.
     base, _, first = REDIS_URL.rpartition("/")
@@ -103,6 +103,23 @@ def redis_url(worker_id: str) -> str:
         _missing("Redis", exc)
     client.close()
     return url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A Redis key prefix of this test's own, so tests never read each other's streams."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
+    """A plain Redis client for looking behind the engine; deletes the test's keys after."""
+    plain = redis.Redis.from_url(redis_url)
+    yield plain
+    keys = list(plain.scan_iter(f"{prefix}:*"))
+    if keys:
+        plain.delete(*keys)
+    plain.close()
 
 
 @pytest.fixture(scope="session")

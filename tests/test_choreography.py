@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -278,11 +277,6 @@ def wait_until(what: Any, timeout: float = 30.0) -> Any:
             return found
         time.sleep(0.05)
     raise AssertionError("gave up waiting")
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(params=["in-process", "redis"])

@@ -31,21 +31,6 @@ from tests.helpers.sagas import travel
 Build = Callable[..., SagaEngine]
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    plain = redis.Redis.from_url(redis_url)
-    yield plain
-    keys = list(plain.scan_iter(f"{prefix}:*"))
-    if keys:
-        plain.delete(*keys)
-    plain.close()
-
-
 class Deployment:
     """Engines and workers on one store (and one Redis prefix), stopped after the test."""
 

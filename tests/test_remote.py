@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -43,21 +42,6 @@ def embedded(store_url: str, participant: Participant) -> Iterator[Deployment]:
     made = Deployment(store_url)
     yield made
     made.close()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    plain = redis.Redis.from_url(redis_url)
-    yield plain
-    keys = list(plain.scan_iter(f"{prefix}:*"))
-    if keys:
-        plain.delete(*keys)
-    plain.close()
 
 
 @pytest.fixture

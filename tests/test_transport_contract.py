@@ -10,7 +10,6 @@ behaviour (key layout, poison entries, outages) follows the suite.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,23 +136,6 @@ class TestInProcessQueue(TransportContract):
         # One queue per process: every "consumer" is a thread reading the same queue.
         shared = InProcessQueue()
         yield lambda consumer="worker", **options: shared
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix of this test's own, so tests never read each other's streams."""
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    """A plain client for looking behind the transport; deletes the test's keys after."""
-    plain = redis.Redis.from_url(redis_url)
-    yield plain
-    keys = list(plain.scan_iter(f"{prefix}:*"))
-    if keys:
-        plain.delete(*keys)
-    plain.close()
 
 
 @pytest.fixture

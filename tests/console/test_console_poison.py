@@ -43,21 +43,6 @@ def redis_engine_on(database_url: str, redis_url: str, prefix: str) -> SagaEngin
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"test-psn-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    plain = redis.Redis.from_url(redis_url)
-    yield plain
-    keys = list(plain.scan_iter(f"{prefix}:*"))
-    if keys:
-        plain.delete(*keys)
-    plain.close()
-
-
-@pytest.fixture
 def redis_engine(
     sqlite_url: str, redis_url: str, prefix: str, client: redis.Redis
 ) -> Iterator[SagaEngine]:
