@@ -21,7 +21,7 @@ from playwright.sync_api import expect, sync_playwright
 from console import HTMX
 from console.serve import ConsoleServer
 from engine import SagaEngine, SagaState
-from tests.console.console_sagas import FAILING, SCRIPT, SLOW
+from tests.console.console_sagas import FAILING, SAGAS, SCRIPT, SLOW
 from tests.console.support import PASSWORD, make_app, make_engine
 
 pytestmark = pytest.mark.browser
@@ -186,5 +186,54 @@ def test_everything_works_with_javascript_off(
         page.wait_for_url(f"{url}/sagas/{saga_id}")
         assert page.locator("#instance-state").inner_text() == "cancelled"
         assert "Cancel saga: done" in page.locator(".flash").inner_text()
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def with_a_wait(sqlite_url: str) -> Iterator[tuple[SagaEngine, str]]:
+    """A console and a worker whose sagas include one that waits for an approval."""
+    from tests.console.test_console_signal import approve
+
+    eng = SagaEngine([*SAGAS, approve], settings=make_engine(sqlite_url).settings)
+    app = make_app(eng, WTF_CSRF_ENABLED=True)
+    worker = eng.worker(concurrency=2).start()
+    server = ConsoleServer(app).start()
+    try:
+        yield eng, server.url
+    finally:
+        server.stop()
+        worker.stop()
+        eng.close()
+
+
+def test_an_operator_sends_the_awaited_signal_and_the_saga_moves_on(
+    browser: Any, with_a_wait: tuple[SagaEngine, str]
+) -> None:
+    eng, url = with_a_wait
+    saga_id = eng.start("approve", {"order": "ORD-77"}).id
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    try:
+        _sign_in(page, url, "operator")
+        page.goto(f"{url}/sagas/{saga_id}")
+        button = page.locator("#signals a:has-text('Send signal')")
+        expect(button).to_be_visible(timeout=20_000)  # once the worker reached the wait
+        button.click()
+        page.wait_for_url(f"{url}/sagas/{saga_id}/signals/manager_approval*")
+        page.fill("#signal_data", '{"approved": tru}')
+        page.fill("#reason", "approved by phone (INC-5120)")
+        page.click("button:has-text('Confirm: send')")
+        expect(page.locator(".problem")).to_contain_text("not JSON")
+        assert page.locator("#reason").input_value() == "approved by phone (INC-5120)"
+
+        page.fill("#signal_data", '{"approved": true, "by": "<b>Grace</b>"}')
+        _shot(page, "confirm-signal.png")
+        page.click("button:has-text('Confirm: send')")
+        page.wait_for_url(f"{url}/sagas/{saga_id}")
+        expect(page.locator("#instance-state")).to_have_text("completed", timeout=30_000)
+        assert "approved by phone (INC-5120)" in page.locator("#operator-actions").inner_text()
+        assert page.locator("#instance b:has-text('Grace')").count() == 0  # shown, not rendered
+        assert eng.get(saga_id).steps[1].output == {"approved": True, "by": "<b>Grace</b>"}
     finally:
         context.close()
