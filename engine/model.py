@@ -39,6 +39,7 @@ class EventKind(StrEnum):
     OPERATOR_COMPENSATE = "operator_compensate"
     OPERATOR_CANCEL = "operator_cancel"
     STUCK_DETECTED = "stuck_detected"  # the stuck sweep flagged it: no progress for too long
+    STUCK_CLEARED = "stuck_cleared"  # it changed since it was flagged: the flag was lifted
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,16 @@ users = sa.Table(
     sa.Index("uq_saga_users_name", "name", unique=True),
 )
 
+# Instances the stuck sweep (or the choreography tracker) flagged (migration 0010),
+# remembered apart from ``stuck_since`` because any save clears that: the next
+# stuck pass finds the ones whose flag went, and notes it on their timeline.
+stuck_marks = sa.Table(
+    "saga_stuck_marks",
+    metadata,
+    sa.Column("saga_id", sa.String(36), primary_key=True),
+    sa.Column("since", Millis, nullable=False),
+)
+
 # Changes to console users (migration 0009): who added, promoted, demoted,
 # disabled or re-enabled whom, and when. Kept apart from the operator actions,
 # which are about saga instances.

@@ -535,7 +535,33 @@ class Store:
             rows = [_stuck_event_row(m, actor, now) for m in marks if m.candidate.id in flagged]
             if rows:
                 c.execute(t.events.insert(), rows)
+                # A mark left from an earlier flag whose lifting was not noted yet is
+                # replaced: the new flag is what the next note will be about.
+                c.execute(t.stuck_marks.delete().where(t.stuck_marks.c.saga_id.in_(flagged)))
+                c.execute(t.stuck_marks.insert(), [{"saga_id": i, "since": now} for i in flagged])
         return [m.candidate.id for m in marks if m.candidate.id in flagged]
+
+    def note_stuck_cleared(self, now: int, actor: str, limit: int) -> int:
+        """Note ``stuck_cleared`` on the timeline of up to ``limit`` flagged instances whose
+        flag a stored change lifted since, and forget their marks (and those of purged
+        instances). Returns how many were noted."""
+        m, i = t.stuck_marks.c, t.instances.c
+        query = (
+            sa.select(m.saga_id, m.since, i.correlation_id, i.current_step)
+            .select_from(t.stuck_marks.outerjoin(t.instances, i.id == m.saga_id))
+            .where(sa.or_(i.id.is_(None), i.stuck_since.is_(None)))
+            .order_by(m.since)
+            .limit(limit)
+        )
+        with self.transaction() as c:
+            lifted = c.execute(query).all()
+            if not lifted:
+                return 0
+            events = [_cleared_event_row(row, actor, now) for row in lifted if row.correlation_id]
+            if events:
+                c.execute(t.events.insert(), events)
+            c.execute(t.stuck_marks.delete().where(m.saga_id.in_([r.saga_id for r in lifted])))
+        return len(events)
 
     def acted_since(self, saga_id: str, actor: str, since: int) -> bool:
         """Whether ``actor`` has an audit-log entry on the instance at or after ``since``."""
@@ -641,7 +667,7 @@ class Store:
             k = t.idempotency_keys.c
             for first in range(0, len(keys), 1000):
                 c.execute(t.idempotency_keys.delete().where(k.key.in_(keys[first : first + 1000])))
-            for table in (t.events, t.dead_letters, t.signals, t.steps):
+            for table in (t.events, t.dead_letters, t.signals, t.steps, t.stuck_marks):
                 c.execute(table.delete().where(table.c.saga_id.in_(ids)))
             c.execute(t.instances.delete().where(i.id.in_(ids), _FINISHED_SQL))
         return len(ids)
@@ -1039,6 +1065,26 @@ def _stuck_event_row(mark: StuckMark, actor: str, now: int) -> dict[str, Any]:
         "error": None,
         "traceback": None,
         "detail": mark.detail,
+    }
+
+
+def _cleared_event_row(row: Any, actor: str, now: int) -> dict[str, Any]:
+    return {
+        "saga_id": row.saga_id,
+        "correlation_id": row.correlation_id,
+        "at": now,
+        "kind": str(EventKind.STUCK_CLEARED),
+        "step_index": None,
+        "step_name": None,
+        "phase": None,
+        "attempt": None,
+        "actor": actor,
+        "error": None,
+        "traceback": None,
+        "detail": {
+            "flagged_at": row.since,
+            "why": "it changed after it was flagged (a step began or ended, or someone acted)",
+        },
     }
 
 

@@ -146,15 +146,21 @@ class Sweeps:
     def stuck(self) -> Counts:
         """Flag instances that stopped progressing, then apply each saga's stuck policy."""
         now = self.clock()
+        # First the flags lifted since the last pass, so the timeline says when an
+        # instance got going again (before it could be flagged anew).
+        cleared = self.store.note_stuck_cleared(now, SWEEPER, self.batch)
         found = self.store.stuck_candidates(now, stuck_rules(self.registry), self.batch)
         marks = [self._mark(candidate, now) for candidate in found]
         flagged = set(self.store.mark_stuck(marks, now, SWEEPER))
-        counts = {"flagged": len(flagged), "retried": 0, "compensated": 0}
+        counts = {"flagged": len(flagged), "retried": 0, "compensated": 0, "cleared": cleared}
         for mark in marks:
             if mark.candidate.id in flagged:
                 done = self._apply_policy(mark)
                 if done is not None:
                     counts[done] += 1
+        if counts["retried"] or counts["compensated"]:
+            # The policy's own action lifted those flags: say so now, not a pass later.
+            counts["cleared"] += self.store.note_stuck_cleared(now, SWEEPER, self.batch)
         return counts
 
     def _mark(self, found: StuckCandidate, now: int) -> StuckMark:

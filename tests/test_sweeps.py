@@ -150,7 +150,7 @@ def test_no_progress_past_expected_duration_plus_grace_is_flagged_once(world: Wo
     others = [at_c, done, failed, elsewhere]
     before = versions(engine, stuck, *others)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0}
+    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
 
     assert versions(engine, stuck, *others) == before  # a finding, not a transition
     queries = Queries(engine.store)
@@ -179,6 +179,18 @@ def test_progress_clears_the_flag(world: World) -> None:
 
     assert Queries(engine.store).stuck_since(saga_id) is None
     assert engine.store.live_counts().stuck == {"slow": 0}
+    world.clock.advance(seconds=30)
+    assert Sweeps(engine).stuck()["cleared"] == 1  # the next pass notes it, once
+    assert Sweeps(engine).stuck()["cleared"] == 0
+    kinds = [e.kind for e in Queries(engine.store).timeline(saga_id)]
+    assert kinds[kinds.index("stuck_detected") :] == [
+        "stuck_detected",
+        "operator_retry",
+        "stuck_cleared",
+    ]
+    [cleared] = [e for e in Queries(engine.store).timeline(saga_id) if e.kind == "stuck_cleared"]
+    assert cleared.actor == SWEEPER and cleared.detail is not None
+    assert cleared.detail["flagged_at"] == world.clock.now - 30_000
 
 
 def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World) -> None:
@@ -189,19 +201,20 @@ def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World
     world.clock.advance(minutes=12)
     world.bells.take()
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 1, "compensated": 0}
+    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 1, "compensated": 0, "cleared": 1}
 
     [(actor, action, reason)] = audit(engine, saga_id)
     assert (actor, action) == (SWEEPER, "retry")
     assert reason.startswith("stuck: no progress since") and "policy is retry" in reason
     assert world.bells.take() == [saga_id]
-    assert events(engine, saga_id)[-2:] == [
+    assert events(engine, saga_id)[-3:] == [
         ("stuck_detected", SWEEPER),
         ("operator_retry", f"operator:{SWEEPER}"),
+        ("stuck_cleared", SWEEPER),
     ]
 
     world.clock.advance(minutes=12)  # the retry did not help: flagged again, not retried again
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0}
+    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
     assert len(audit(engine, saga_id)) == 1
     assert Queries(engine.store).stuck_since(saga_id) == world.clock.now
 
@@ -213,7 +226,7 @@ def test_the_compensate_policy_force_compensates(world: World) -> None:
     saga_id = engine.run("undone", {"fail": ["b"]}).id  # a succeeded, b waits an hour
     world.clock.advance(minutes=11, seconds=1)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 1}
+    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 1, "cleared": 1}
 
     inst = engine.get(saga_id)
     assert inst.state is SagaState.COMPENSATING and inst.phase is Phase.COMPENSATE
@@ -229,7 +242,7 @@ def test_a_policy_the_state_refuses_leaves_the_flag_for_a_person(world: World) -
     begun_by_a_dead_worker(engine, saga_id, lease=timedelta(hours=1))
     world.clock.advance(minutes=30)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0}
+    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
     assert audit(engine, saga_id) == []
     assert Queries(engine.store).stuck_since(saga_id) == world.clock.now
 
