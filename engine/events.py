@@ -503,15 +503,20 @@ class EventRuntime:
             ctx = EventContext(
                 event, name, f"{event.id}:{name}", self._guards[service.service], attempt, self.bus
             )
+            began = time.monotonic()
             try:
                 fn(ctx)
+                metrics.event_handled(name, "succeeded", time.monotonic() - began)
                 return
             # Any handler failure is logged, retried, then dead-lettered: never hidden.
             except Exception as exc:
                 self._count("failed")
+                last = attempt == self.max_attempts
+                outcome = "dead_lettered" if last else "failed"
+                metrics.event_handled(name, outcome, time.monotonic() - began)
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("%s failed on %s (attempt %d): %s", name, event.id, attempt, error)
-                if attempt == self.max_attempts:
+                if last:
                     self._dead_letter(name, event, entry, error, attempt, exc)
                     return
                 self._stopping.wait(self.retry_delay * attempt)

@@ -130,6 +130,18 @@ PARTICIPANT_REPLIES_UNSENT = Counter(
     "Replies that could not be sent (Redis unreachable); their commands are delivered again.",
     ["command"],
 )
+EVENT_HANDLER_RUNS = Counter(
+    "saga_event_handler_runs",
+    "Runs of domain-event handlers (choreography), by handler and how they ended: succeeded, "
+    "failed (tried again), dead_lettered (failed its last attempt).",
+    ["handler", "outcome"],
+)
+EVENT_HANDLER_DURATION = Histogram(
+    "saga_event_handler_duration_seconds",
+    "How long domain-event handler runs took, by handler.",
+    ["handler"],
+    buckets=STEP_BUCKETS,
+)
 POISON_RECORDS = Counter(
     "saga_poison_records",
     "Entries set aside on the poison stream, by the stream they came from and why: "
@@ -203,6 +215,12 @@ def command_answered(command: str, outcome: str, started_ms: int, finished_ms: i
     PARTICIPANT_COMMANDS.labels(command, outcome).inc()
     seconds = max(0, finished_ms - started_ms) / 1000
     PARTICIPANT_HANDLER_DURATION.labels(command, outcome).observe(seconds)
+
+
+def event_handled(handler: str, outcome: str, seconds: float) -> None:
+    """A domain-event handler ran (``outcome``: succeeded, failed, dead_lettered)."""
+    EVENT_HANDLER_RUNS.labels(handler, outcome).inc()
+    EVENT_HANDLER_DURATION.labels(handler).observe(seconds)
 
 
 def command_expired(command: str) -> None:

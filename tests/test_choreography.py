@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 import examples.order_fulfillment_choreography as example
+from engine import metrics
 from engine.choreography import (
     CHOREOGRAPHED,
     Choreography,
@@ -370,11 +371,20 @@ class TestEventBus:
             calls.append(ctx.attempt)
             raise RuntimeError("downstream unavailable")
 
+        def runs(outcome: str) -> float:
+            scrape = metrics.values(metrics.exposition().decode())
+            return metrics.total(
+                scrape, "saga_event_handler_runs_total", handler="flaky.boom", outcome=outcome
+            )
+
+        before = {outcome: runs(outcome) for outcome in ("failed", "dead_lettered")}
         event_id = EventBus(event_log).publish("Ping", {}, correlation_id="c-7")
         rt = runtime([svc], event_log, store)
         try:
             letters = wait_until(store.event_dead_letters)
             assert calls == [1, 2, 3]
+            assert runs("failed") - before["failed"] == 2
+            assert runs("dead_lettered") - before["dead_lettered"] == 1
             (letter,) = letters
             assert letter["handler"] == "flaky.boom"
             assert letter["event_id"] == event_id
