@@ -21,7 +21,8 @@ from flask_login import current_user
 from console import describe, services
 from console.auth import require_role
 from console.forms import ActionForm, parse_json
-from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition, UnknownSaga
+from console.params import check_seen_version
+from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
 from engine.interventions import Action
 from engine.model import Instance
 from engine.states import SagaState
@@ -90,7 +91,7 @@ def act(saga_id: str, choice: str) -> ResponseReturnValue:
     inst = svc.engine.get(saga_id)
     form = ActionForm()
     if request.method == "GET":
-        _check_seen_version(inst, request.args.get("version"))
+        check_seen_version(inst, request.args.get("version"))
         _check_dead_lettered(inst, picked)
         form.expected_version.data = inst.version
         return _confirm(inst, picked, form, payload_text=_pretty(inst.payload))
@@ -187,14 +188,6 @@ def _choice(slug: str) -> Choice:
     if picked is None:
         raise InvalidInput("action", f"{slug!r} is not one of {', '.join(CHOICES)}")
     return picked
-
-
-def _check_seen_version(inst: Instance, seen: str | None) -> None:
-    if seen is None or not seen.isdigit() or int(seen) == inst.version:
-        return
-    raise ConcurrencyConflict(
-        inst.id, int(seen), inst.version, f"it is {inst.state} at step {inst.current.name!r}"
-    )
 
 
 def _check_dead_lettered(inst: Instance, picked: Choice) -> None:

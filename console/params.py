@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 from engine.errors import InvalidInput
 from engine.interventions import AUDIT_ACTIONS, Action
+from engine.model import Instance
+from engine.operations import check_version
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 
@@ -122,3 +124,9 @@ def _time(args: Mapping[str, str], name: str) -> int | None:
             continue
         return int(at.timestamp() * 1000)
     raise InvalidInput(name, f"{raw!r} is not a time; use YYYY-MM-DDTHH:MM (UTC)")
+
+
+def check_seen_version(inst: Instance, seen: str | None) -> None:
+    """The version a link or form carried (``?version=``) must still be the instance's;
+    a missing or malformed one checks nothing."""
+    check_version(inst, int(seen) if seen is not None and seen.isdigit() else None)

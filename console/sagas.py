@@ -17,12 +17,12 @@ from console import describe, services
 from console.auth import require_role
 from console.charts import step_charts
 from console.forms import ActionForm, SignalForm
-from console.params import parse_action, parse_list, parse_search
+from console.params import check_seen_version, parse_action, parse_list, parse_search
 from console.timeline import build_steps, idempotency_keys
 from engine import signals
 from engine.choreography import CHOREOGRAPHED
 from engine.definition import Saga
-from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition, UnknownSaga
+from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
 from engine.events import (
     ChoreographyOperations,
     EventBus,
@@ -123,7 +123,7 @@ def act(saga_id: str, action_name: str) -> ResponseReturnValue:
     inst = svc.engine.get(saga_id)
     form = ActionForm()
     if request.method == "GET":
-        _check_seen_version(inst, request.args.get("version"))
+        check_seen_version(inst, request.args.get("version"))
         _check_allowed(inst, action)
         form.expected_version.data = inst.version
         return render_template("confirm.html", **_confirm_context(inst, action, form))
@@ -194,14 +194,6 @@ def _definition(inst: Instance) -> Saga | None:
         return None
 
 
-def _check_seen_version(inst: Instance, seen: str | None) -> None:
-    if seen is None or not seen.isdigit() or int(seen) == inst.version:
-        return
-    raise ConcurrencyConflict(
-        inst.id, int(seen), inst.version, f"it is {inst.state} at step {inst.current.name!r}"
-    )
-
-
 def _check_allowed(inst: Instance, action: Action) -> None:
     _check_definition(inst)
     if action not in services.get().operations.allowed(inst):
@@ -232,7 +224,7 @@ def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
     inst = engine.get(saga_id)
     form = SignalForm()
     if request.method == "GET":
-        _check_seen_version(inst, request.args.get("version"))
+        check_seen_version(inst, request.args.get("version"))
         _check_definition(inst)
         form.expected_version.data = inst.version
         return _signal_page(inst, event, form, signals.open_wait(engine, inst, event))
@@ -328,12 +320,12 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         "example_reason": "e.g. shipping lost the order (INC-1234)",
     }
     if request.method == "GET":
-        _check_seen_version(inst, request.args.get("version"))
+        check_seen_version(inst, request.args.get("version"))
         form.expected_version.data = inst.version
         return render_template("confirm.html", **context)
     if not form.validate_on_submit():
         return render_template("confirm.html", **context), 400
-    _check_seen_version(inst, str(form.expected_version.data))
+    check_seen_version(inst, str(form.expected_version.data))
     ops = _choreography_operations()
     if action_name == "force-compensate":
         sent = ops.force_compensate(saga_id, actor=current_user.name, reason=form.reason.data)

@@ -163,13 +163,7 @@ class Operations:
     ) -> Instance:
         with self.store.transaction() as conn:
             inst = self.store.load(saga_id, conn)
-            if expected_version is not None and inst.version != expected_version:
-                raise ConcurrencyConflict(
-                    saga_id,
-                    expected_version,
-                    inst.version,
-                    f"it is {inst.state} at step {inst.current.name!r}",
-                )
+            check_version(inst, expected_version)
             defn = self.registry.get(inst.saga_name, inst.saga_version)
             transition = rule(inst, defn, self.clock())
             audit = record(inst)
@@ -184,6 +178,15 @@ class Operations:
         """The actions the instance's state allows now."""
         defn = self.registry.get(inst.saga_name, inst.saga_version)
         return interventions.allowed_actions(inst, defn, self.clock())
+
+
+def check_version(inst: Instance, expected: int | None) -> None:
+    """Raise ConcurrencyConflict if ``inst`` is no longer at the version the caller saw
+    (``expected``; None: the caller did not say)."""
+    if expected is not None and inst.version != expected:
+        raise ConcurrencyConflict(
+            inst.id, expected, inst.version, f"it is {inst.state} at step {inst.current.name!r}"
+        )
 
 
 def check_reason(reason: str) -> str:

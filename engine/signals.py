@@ -42,6 +42,7 @@ from engine.decide import record_success, signal_problem, waiting_now
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
+from engine.operations import check_version
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport import ring
 
@@ -185,7 +186,7 @@ def _deliver_once(engine: SagaEngine, saga_id: str, signal: _Signal) -> Delivere
     event = signal.event
     with engine.store.transaction() as conn:
         inst = engine.store.load(saga_id, conn)
-        _check_version(inst, signal.expected_version)
+        check_version(inst, signal.expected_version)
         defn = engine.registry.get(inst.saga_name, inst.saga_version)
         index = _waiting_step(inst, defn, event)
         problem = signal_problem(inst, index, now)
@@ -212,13 +213,6 @@ def _deliver_once(engine: SagaEngine, saga_id: str, signal: _Signal) -> Delivere
         transition = Transition(inst, (noted,)).then(record_success(inst, defn, now, signal.data))
         saved = engine.store.save(inst, transition, actor, conn=conn, operator=audit)
     return Delivered(saved, taken=True)
-
-
-def _check_version(inst: Instance, expected: int | None) -> None:
-    if expected is not None and inst.version != expected:
-        raise ConcurrencyConflict(
-            inst.id, expected, inst.version, f"it is {inst.state} at step {inst.current.name!r}"
-        )
 
 
 def _audit_record(signal: _Signal, taken: bool) -> OperatorRecord | None:

@@ -211,7 +211,9 @@ class Store:
             if transition.resolves_dead_letter:
                 self._resolve_dead_letters(c, new.id, actor, operator, now)
             if operator is not None:
-                self._insert_operator_action(c, old, new, operator, now)
+                self._insert_operator_action(
+                    c, old, operator, now, after=(new.state, old.version + 1)
+                )
         metrics.transition_saved(old, new, transition.events)
         lease = {"lease_owner": None, "lease_expires_at": None} if release else {}
         return _replace(new, version=old.version + 1, **lease)
@@ -278,20 +280,8 @@ class Store:
         """Append an audit entry that changed nothing (state and version stay as they are);
         ``step_name``: the step it concerns, when not the current one."""
         with self._tx(conn) as c:
-            c.execute(
-                t.operator_actions.insert().values(
-                    at=now,
-                    actor=op.actor,
-                    action=op.action,
-                    saga_id=inst.id,
-                    reason=op.reason,
-                    state_before=str(inst.state),
-                    state_after=str(inst.state),
-                    version_before=inst.version,
-                    version_after=inst.version,
-                    step_name=step_name or inst.current.name,
-                    detail=op.detail,
-                )
+            self._insert_operator_action(
+                c, inst, op, now, after=(inst.state, inst.version), step_name=step_name
             )
 
     def append_events(
@@ -856,8 +846,16 @@ class Store:
         )
 
     def _insert_operator_action(
-        self, c: Connection, old: Instance, new: Instance, op: OperatorRecord, now: int
+        self,
+        c: Connection,
+        old: Instance,
+        op: OperatorRecord,
+        now: int,
+        *,
+        after: tuple[SagaState, int],
+        step_name: str | None = None,
     ) -> None:
+        """The audit row of ``op`` on ``old``; ``after``: the state and version it left."""
         c.execute(
             t.operator_actions.insert().values(
                 at=now,
@@ -866,10 +864,10 @@ class Store:
                 saga_id=old.id,
                 reason=op.reason,
                 state_before=str(old.state),
-                state_after=str(new.state),
+                state_after=str(after[0]),
                 version_before=old.version,
-                version_after=old.version + 1,
-                step_name=old.current.name,
+                version_after=after[1],
+                step_name=step_name or old.current.name,
                 detail=op.detail,
             )
         )
