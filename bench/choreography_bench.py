@@ -52,9 +52,10 @@ import sqlalchemy as sa  # noqa: E402
 from pgutil import recreate_database, sqlalchemy_url  # noqa: E402
 
 import examples.order_fulfillment_choreography as example  # noqa: E402
-from engine import schema as t  # noqa: E402
-from engine.events import EventBus, RedisEventLog  # noqa: E402
-from engine.migrate import upgrade  # noqa: E402
+from engine.choreography.handlers import EventBus  # noqa: E402
+from engine.store import schema as t  # noqa: E402
+from engine.store.migrate import upgrade  # noqa: E402
+from engine.transport.event_log import RedisEventLog  # noqa: E402
 from tests.helpers.procs import Processes, participant  # noqa: E402
 
 DBNAME = "bench_choreo"

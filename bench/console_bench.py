@@ -39,7 +39,7 @@ import pgutil
 
 from console import create_app
 from engine import Saga, SagaEngine, Settings, StepKind
-from engine.migrate import upgrade
+from engine.store.migrate import upgrade
 from engine.users import UserStore
 
 DB = "bench_console"

@@ -38,7 +38,7 @@ from pgutil import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import NonRetryableError, Saga, SagaEngine, SagaState, Settings, StepContext
-from engine.migrate import upgrade
+from engine.store.migrate import upgrade
 
 DBNAME = "bench_engine"
 SAGA_TABLES = ("saga_events", "saga_steps", "saga_dead_letters", "saga_instances")

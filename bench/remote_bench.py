@@ -66,8 +66,8 @@ from pgutil import recreate_database, server_version, sqlalchemy_url  # noqa: E4
 from remote_bench_app import STEPS, effects, trip  # noqa: E402
 
 from engine import SagaEngine, Settings  # noqa: E402
-from engine import schema as t  # noqa: E402
-from engine.migrate import upgrade  # noqa: E402
+from engine.store import schema as t  # noqa: E402
+from engine.store.migrate import upgrade  # noqa: E402
 
 DBNAME = "bench_remote"
 

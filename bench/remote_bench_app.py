@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from engine import IdempotencyGuard, Saga, StepContext
-from engine.participant import ParticipantRuntime, ParticipantService
+from engine.remote.participant import ParticipantRuntime, ParticipantService
 from engine.settings import Settings
 from engine.store import open_store
 

@@ -50,8 +50,8 @@ import console_bench
 import pgutil
 
 from engine import Retry, Saga, SagaEngine, Settings, StepKind, metrics
-from engine.migrate import upgrade
-from engine.sweeps import Sweeps
+from engine.store.migrate import upgrade
+from engine.sweeper.passes import Sweeps
 
 DB = "bench_sweeps"
 #: console_bench's mix with 1% active: its seed reads this module attribute.

@@ -32,7 +32,7 @@ from console import describe, services
 from console.auth import require_role
 from console.errors import error_page
 from console.params import parse_list
-from engine.bulk import (
+from engine.bulk.model import (
     MAX_BATCH,
     MAX_BULK_REASON,
     MAX_ITEMS,
@@ -41,11 +41,11 @@ from engine.bulk import (
     MIN_SAMPLE,
     BulkFilter,
     BulkNotFound,
-    BulkRecovery,
     DryRun,
     ItemOutcome,
     SelectionChanged,
 )
+from engine.bulk.recovery import BulkRecovery
 from engine.errors import InvalidInput, InvalidTransition
 from engine.interventions import Action
 from engine.model import now_ms

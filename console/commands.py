@@ -22,8 +22,8 @@ from engine.users import Role, UserStore
 
 if TYPE_CHECKING:
     from console.serve import ConsoleServer
-    from engine.app import SagaEngine
     from engine.cli import Cli
+    from engine.runtime import SagaEngine
 
 ROLES = [r.value for r in Role]
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 What a reader on a Redis stream could not handle (a malformed command, reply,
 doorbell or event; a reply the store refused; an entry taken over too often)
-is moved to ``<prefix>:poison`` by :class:`engine.bus.RedisBus`. This page reads
+is moved to ``<prefix>:poison`` by :class:`engine.transport.redis_streams.RedisBus`. This page reads
 the newest of them with one XREVRANGE ... COUNT, so the on-call engineer the
 ``SagaEntriesSetAside`` alert wakes sees them without redis-cli.
 
@@ -23,9 +23,10 @@ from flask import Blueprint, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 
 from console import services
-from engine.bus import PoisonRecord, RedisBus
 from engine.errors import InvalidInput, TransportError
-from engine.redis_transport import FIELD, is_saga_id
+from engine.transport.redis_doorbells import FIELD, is_saga_id
+from engine.transport.redis_streams import RedisBus
+from engine.transport.streams import PoisonRecord
 
 bp = Blueprint("poison", __name__)
 
@@ -35,7 +36,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 #: The raw field that is pretty-printed when it holds JSON (a command's or reply's body).
 BODY = b"body"
-# The reason engine.bus gives an entry taken over too often.
+# The reason engine.transport.redis_streams gives an entry taken over too often.
 _REDELIVERED = re.compile(r"delivered \d+ times\b")
 # Bidirectional-text controls: shown escaped so that no field can reorder what is around it.
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -55,7 +56,7 @@ class Why(StrEnum):
 
     @classmethod
     def of(cls, reason: str) -> Why:
-        """The kind of ``reason``: see ``engine.bus._over_the_cap`` and ``engine.remote``."""
+        """The kind of ``reason``: see ``_over_the_cap`` in ``engine.transport.redis_streams``."""
         if _REDELIVERED.match(reason):
             return cls.REDELIVERED
         if reason.startswith("the store refused it"):

@@ -20,21 +20,18 @@ from console.forms import ActionForm, SignalForm
 from console.params import check_seen_version, parse_action, parse_list, parse_search
 from console.timeline import build_steps, idempotency_keys
 from engine import signals
-from engine.choreography import CHOREOGRAPHED
+from engine.choreography.declaration import CHOREOGRAPHED
+from engine.choreography.handlers import EventBus, choreographies_in
+from engine.choreography.operations import ChoreographyOperations
 from engine.definition import Saga
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
-from engine.events import (
-    ChoreographyOperations,
-    EventBus,
-    choreographies_in,
-    event_log_from_settings,
-)
 from engine.interventions import Action
 from engine.loader import import_module
 from engine.model import Instance, now_ms
 from engine.queries import InstanceFilter
 from engine.signals import OpenWait
 from engine.states import SagaState
+from engine.transport.event_log import event_log_from_settings
 from engine.users import Role
 
 bp = Blueprint("sagas", __name__)

@@ -17,11 +17,11 @@ from typing import Any
 
 from flask import Flask, current_app
 
-from engine.app import SagaEngine
 from engine.definition import Saga
 from engine.errors import InvalidInput
 from engine.operations import Operations
 from engine.queries import Queries
+from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.users import UserStore
 

@@ -1,6 +1,5 @@
 """A durable saga engine: define sagas in plain Python, run them on SQLite or PostgreSQL."""
 
-from engine.app import SagaEngine, Started
 from engine.definition import NO_RETRY, Retry, Saga, StepContext, StepHandle, StuckPolicy
 from engine.errors import (
     ConcurrencyConflict,
@@ -18,6 +17,7 @@ from engine.idempotency import IdempotencyGuard
 from engine.interventions import Action
 from engine.model import Instance
 from engine.queries import InstanceFilter, Queries
+from engine.runtime import SagaEngine, Started
 from engine.settings import Settings
 from engine.states import CompensationStatus, Phase, SagaState, StepKind, StepStatus
 

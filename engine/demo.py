@@ -22,11 +22,11 @@ from itertools import count
 from threading import Event
 from typing import Any
 
-from engine import migrate
-from engine.app import SagaEngine
 from engine.queries import Queries
-from engine.scheduler import Sweeper
+from engine.runtime import SagaEngine
 from engine.settings import Settings
+from engine.store import migrate
+from engine.sweeper.scheduler import Sweeper
 
 
 @dataclass(frozen=True)

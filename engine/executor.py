@@ -36,7 +36,7 @@ from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
 from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition, idempotency_key
 from engine.registry import Registry
-from engine.remote import Dispatcher
+from engine.remote.dispatch import Dispatcher
 from engine.signals import stored_signal
 from engine.states import Phase
 from engine.store import Store, dumps

@@ -22,8 +22,8 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Engine as SAEngine
 
 from engine import metrics
-from engine import schema as t
 from engine.model import now_ms
+from engine.store import schema as t
 
 T = TypeVar("T")
 

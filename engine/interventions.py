@@ -34,7 +34,7 @@ RESOLVE = "resolve"  # a dead letter was dealt with by hand; the saga ends cance
 BULK_NOT_APPLIED = "bulk_not_applied"
 #: An operator sent a waiting step its signal (engine.signals).
 SIGNAL = "signal"
-#: The operator actions on choreographed instances (engine.events).
+#: The operator actions on choreographed instances (engine.choreography.operations).
 FORCE_COMPENSATE = "force_compensate"
 REPUBLISH = "republish"
 #: Every ``action`` the audit log may hold, for its filter.

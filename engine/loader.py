@@ -25,7 +25,7 @@ from engine.definition import Saga
 from engine.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from engine.app import SagaEngine
+    from engine.runtime import SagaEngine
 
 #: The optional module-level hook called with the engine once it is built.
 INIT_HOOK = "init_engine"

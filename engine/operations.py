@@ -18,7 +18,7 @@ from engine.interventions import Action
 from engine.model import Instance, Transition
 from engine.registry import Registry
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
-from engine.transport import Transport, ring
+from engine.transport.doorbells import Transport, ring
 
 MAX_REASON = 2000
 

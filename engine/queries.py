@@ -11,11 +11,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from engine import schema as t
 from engine.errors import InvalidInput
 from engine.model import EventKind
 from engine.states import SagaState, StepStatus
 from engine.store import Store
+from engine.store import schema as t
 
 MAX_PAGE = 500
 

@@ -37,17 +37,17 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from engine import schema as t
 from engine.decide import record_success, signal_problem, waiting_now
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
 from engine.operations import check_version
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
-from engine.transport import ring
+from engine.store import schema as t
+from engine.transport.doorbells import ring
 
 if TYPE_CHECKING:
-    from engine.app import SagaEngine
+    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Engine as SAEngine
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from engine import schema as t
 from engine.errors import InvalidInput
 from engine.model import now_ms
+from engine.store import schema as t
 
 #: werkzeug's hash method for new passwords; a stored hash names its own method.
 PASSWORD_HASH_METHOD = "scrypt"

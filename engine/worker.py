@@ -18,12 +18,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from engine import metrics
 from engine.errors import SagaNotFound, TransportError
-from engine.recovery import recover
-from engine.remote import ReplyListener
-from engine.transport import Delivery
+from engine.remote.replies import ReplyListener
+from engine.sweeper.doorbells import recover
+from engine.transport.doorbells import Delivery
 
 if TYPE_CHECKING:
-    from engine.app import SagaEngine
+    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 

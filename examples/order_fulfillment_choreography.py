@@ -19,7 +19,7 @@ The flow::
     ShippingFailed -> payment refunds -> PaymentRefunded; inventory releases -> InventoryReleased
 
 An operator's force-compensate (console, or
-:class:`~engine.events.ChoreographyOperations`) publishes ``PaymentRefunded``
+:class:`~engine.choreography.operations.ChoreographyOperations`) publishes ``PaymentRefunded``
 and ``InventoryReleased`` with ``"forced": true``; payment and inventory then
 carry them out.
 
@@ -45,8 +45,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from engine.choreography import Choreography, ChoreoStep
-from engine.events import EventBus, EventContext, EventHandlers
+from engine.choreography.declaration import Choreography, ChoreoStep
+from engine.choreography.handlers import EventBus, EventContext, EventHandlers
 
 ORDER = Choreography(
     name="order_choreography",

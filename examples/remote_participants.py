@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy.engine import Engine as SAEngine
 
 from engine import StepContext
-from engine.participant import ParticipantRuntime, ParticipantService
+from engine.remote.participant import ParticipantRuntime, ParticipantService
 from engine.settings import Settings
 from engine.store import open_store
 from examples.participants import Participant

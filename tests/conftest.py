@@ -17,8 +17,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from engine.migrate import upgrade
-from engine.schema import metadata
+from engine.store.migrate import upgrade
+from engine.store.schema import metadata
 from tests.helpers.engines import Engines
 from tests.helpers.participant import Participant
 

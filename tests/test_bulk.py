@@ -33,19 +33,13 @@ from engine import (
     StepContext,
     StepKind,
 )
-from engine import schema as t
-from engine.bulk import (
-    MIN_SAMPLE,
-    BulkFilter,
-    BulkRecovery,
-    BulkStatus,
-    ItemOutcome,
-    RateLimiter,
-    SelectionChanged,
-)
+from engine.bulk.model import MIN_SAMPLE, BulkFilter, BulkStatus, ItemOutcome, SelectionChanged
+from engine.bulk.recovery import BulkRecovery
+from engine.bulk.runner import RateLimiter
 from engine.cli import main
 from engine.model import Instance
 from engine.queries import Queries
+from engine.store import schema as t
 from tests.helpers.engines import Engines, wait_for, wait_state
 
 #: Business keys whose ``ship`` step fails; a test removes its keys to "fix the carrier".

@@ -33,9 +33,9 @@ import redis
 import sqlalchemy as sa
 
 from engine import SagaEngine, SagaState, Settings, metrics
-from engine import schema as t
 from engine.metrics import total
 from engine.queries import Queries
+from engine.store import schema as t
 from examples import remote_participants
 from examples.travel_booking_remote import book_trip_remote
 from tests.conftest import empty_tables

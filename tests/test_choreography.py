@@ -14,32 +14,18 @@ import sqlalchemy as sa
 
 import examples.order_fulfillment_choreography as example
 from engine import metrics
-from engine.choreography import (
-    CHOREOGRAPHED,
-    Choreography,
-    ChoreoStep,
-    DomainEvent,
-    Tracker,
-    compensation_plan,
-    missing_compensations,
-    track,
-)
+from engine.choreography.declaration import CHOREOGRAPHED, Choreography, ChoreoStep, DomainEvent
+from engine.choreography.handlers import EventBus, EventContext, EventHandlers, tracker_handlers
+from engine.choreography.operations import ChoreographyOperations
+from engine.choreography.runtime import EventRuntime
+from engine.choreography.track import compensation_plan, missing_compensations, track
+from engine.choreography.tracker import Tracker
 from engine.errors import DefinitionError, InvalidInput
-from engine.events import (
-    ChoreographyOperations,
-    EventBus,
-    EventContext,
-    EventHandlers,
-    EventLog,
-    EventRuntime,
-    InProcessEventLog,
-    RedisEventLog,
-    tracker_handlers,
-)
 from engine.model import EventKind, Instance
 from engine.queries import Queries
 from engine.states import CompensationStatus, Phase, SagaState, StepStatus
 from engine.store import Store, open_store
+from engine.transport.event_log import EventLog, InProcessEventLog, RedisEventLog
 from tests.conftest import empty_tables
 from tests.helpers.procs import Processes, participant
 

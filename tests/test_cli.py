@@ -23,11 +23,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from engine import Queries, SagaEngine, SagaState, Settings, logs, migrate
-from engine import schema as t
+from engine import Queries, SagaEngine, SagaState, Settings, logs
 from engine import settings as settings_module
 from engine.cli import main
 from engine.model import Instance
+from engine.store import migrate
+from engine.store import schema as t
 from engine.worker import Worker
 from examples import order_fulfillment as orders
 from examples import travel_booking as travel

@@ -37,9 +37,9 @@ from engine import (
     StepContext,
     metrics,
 )
-from engine import schema as t
 from engine.metrics import Samples, StoreCollector, total
-from engine.sweeps import Sweeps
+from engine.store import schema as t
+from engine.sweeper.passes import Sweeps
 from tests.conftest import IN_CI
 from tests.helpers.sweeps import World, saga, wait_for_line
 

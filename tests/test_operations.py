@@ -28,10 +28,10 @@ from engine import (
     StepStatus,
     UnknownSaga,
 )
-from engine import schema as t
 from engine.model import Instance
 from engine.queries import Queries
 from engine.states import CompensationStatus
+from engine.store import schema as t
 from tests.helpers.engines import Engines, timeline, wait_for, wait_state
 from tests.helpers.participant import Participant
 from tests.helpers.sagas import travel

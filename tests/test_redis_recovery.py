@@ -19,9 +19,9 @@ import redis
 
 from engine import Retry, SagaEngine, SagaState, Settings
 from engine.queries import Queries
-from engine.recovery import recover
-from engine.redis_transport import RedisStreamsTransport
-from engine.transport import InProcessQueue, Transport
+from engine.sweeper.doorbells import recover
+from engine.transport.doorbells import InProcessQueue, Transport
+from engine.transport.redis_doorbells import RedisStreamsTransport
 from engine.worker import Worker
 from tests.conftest import empty_tables
 from tests.helpers.engines import wait_for, wait_state

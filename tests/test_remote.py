@@ -22,12 +22,14 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext, metrics
-from engine.bus import PARTICIPANTS, WORKERS, CommandBus, InProcessBus, RedisBus
 from engine.cli import main
-from engine.participant import ParticipantService
 from engine.queries import EventRecord
-from engine.remote import Command, ReplyListener
+from engine.remote.messages import Command
+from engine.remote.participant import ParticipantService
+from engine.remote.replies import ReplyListener
 from engine.states import Phase
+from engine.transport.commands import PARTICIPANTS, WORKERS, CommandBus, InProcessBus
+from engine.transport.redis_streams import RedisBus
 from tests.conftest import empty_tables
 from tests.helpers.deploy import Deployment
 from tests.helpers.engines import timeline, wait_for, wait_state
@@ -301,7 +303,8 @@ def test_in_process_and_remote_steps_mix(embedded: Deployment, participant: Part
 def test_a_batch_of_replies_is_recorded_in_one_go(
     embedded: Deployment, participant: Participant
 ) -> None:
-    from engine.remote import Handled, Outcome, Reply, ReplyHandler
+    from engine.remote.messages import Outcome, Reply
+    from engine.remote.replies import Handled, ReplyHandler
 
     engine = embedded.engine(remote_travel())
     ids = [engine.start("rtravel", {}).id for _ in range(3)]  # each sends its hotel command
@@ -492,7 +495,7 @@ def test_malformed_commands_and_replies_become_poison_records(
 def test_a_reply_the_store_could_not_keep_is_set_aside(
     embedded: Deployment, body: dict[str, Any], problem: str
 ) -> None:
-    from engine.remote import BadMessage, Outcome, Reply
+    from engine.remote.messages import BadMessage, Outcome, Reply
 
     engine = embedded.engine(remote_travel())
     bus = embedded.bus
@@ -514,7 +517,7 @@ def test_a_reply_the_store_could_not_keep_is_set_aside(
 
 
 def test_a_reply_the_store_refuses_does_not_hold_up_the_batch(embedded: Deployment) -> None:
-    from engine.remote import Outcome, Reply
+    from engine.remote.messages import Outcome, Reply
 
     engine = embedded.engine(remote_travel())
     bus = embedded.bus
@@ -839,7 +842,7 @@ POISONED = "saga_poison_records_total"
 def test_the_redis_bus_removes_consumers_of_dead_readers(
     make_bus: MakeBus, client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="engine.bus")
+    caplog.set_level(logging.INFO, logger="engine.transport.redis_streams")
     # Scans every 1 s; the held entry becomes claimable only after 2 s.
     me = make_bus(claim_idle_seconds=2.0, forget_idle_seconds=0.2)
     dead, holding = make_bus(), make_bus()

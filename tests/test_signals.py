@@ -18,10 +18,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from engine import InvalidInput, InvalidTransition, Retry, SagaEngine, SagaNotFound, SagaState
-from engine import schema as t
 from engine.cli import main
 from engine.queries import Queries
 from engine.states import StepStatus
+from engine.store import schema as t
 from tests.helpers.deploy import Deployment
 from tests.helpers.engines import timeline, wait_for, wait_state
 from tests.helpers.participant import Participant

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from engine import schema as t
 from engine.decide import Run, begin_attempt, record_failure, record_success
 from engine.errors import ConcurrencyConflict, SagaNotFound
 from engine.model import DeadLetter, Event, EventKind, Instance, Transition, new_id
 from engine.queries import Queries
 from engine.states import Phase, SagaState, StepStatus
 from engine.store import OperatorRecord, Store, open_store
+from engine.store import schema as t
 from tests.helpers.pure import build_saga, fail, new_instance
 
 T = 1_700_000_000_000
@@ -468,7 +468,7 @@ class TestStoreContract:
         from alembic.autogenerate import compare_metadata
         from alembic.runtime.migration import MigrationContext
 
-        from engine.schema import metadata
+        from engine.store.schema import metadata
 
         db = open_store(store_url).db
         try:

@@ -23,8 +23,9 @@ import sqlalchemy as sa
 
 from engine import SagaEngine
 from engine.queries import Queries
-from engine.scheduler import PostgresLock, Sweeper
-from engine.sweeps import SWEEPER
+from engine.store.leader import PostgresLock
+from engine.sweeper.passes import SWEEPER
+from engine.sweeper.scheduler import Sweeper
 from tests.helpers.sweeps import World, begun_by_a_dead_worker, saga, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent

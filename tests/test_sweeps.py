@@ -16,12 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 from engine import IdempotencyGuard, Retry, SagaEngine, SagaState
-from engine import schema as t
 from engine.definition import StuckPolicy
 from engine.model import Instance, idempotency_key
 from engine.queries import InstanceFilter, Queries
 from engine.states import Phase, StepStatus
-from engine.sweeps import SWEEPER, Sweeps
+from engine.store import schema as t
+from engine.sweeper.passes import SWEEPER, Sweeps
 from tests.helpers.sweeps import REFUND_FAILS, World, begun_by_a_dead_worker, saga, step, undo
 
 

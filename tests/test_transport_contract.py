@@ -18,8 +18,8 @@ import redis
 
 from engine.errors import TransportError
 from engine.model import new_id
-from engine.redis_transport import RedisStreamsTransport
-from engine.transport import Delivery, InProcessQueue, Transport
+from engine.transport.doorbells import Delivery, InProcessQueue, Transport
+from engine.transport.redis_doorbells import RedisStreamsTransport
 
 Make = Callable[..., Transport]
 MakeRedis = Callable[..., RedisStreamsTransport]
@@ -360,9 +360,9 @@ def test_consumers_of_dead_workers_are_removed(
 
 
 def test_settings_carry_the_redelivery_cap() -> None:
-    from engine.bus import RedisBus
     from engine.errors import InvalidInput
     from engine.settings import Settings
+    from engine.transport.redis_streams import RedisBus
 
     env = {"SAGA_REDIS_URL": "redis://127.0.0.1:1/0", "SAGA_REDIS_MAX_DELIVERIES": "4"}
     settings = Settings.from_env(env)

@@ -19,9 +19,9 @@ import pytest
 import sqlalchemy as sa
 
 from engine import SagaEngine, SagaState
-from engine import schema as t
 from engine.queries import Queries
-from engine.transport import InProcessQueue
+from engine.store import schema as t
+from engine.transport.doorbells import InProcessQueue
 from tests.helpers.engines import Engines, timeline, wait_for, wait_state
 from tests.helpers.participant import Participant
 from tests.helpers.sagas import travel

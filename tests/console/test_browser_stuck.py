@@ -1,7 +1,7 @@
 """A stuck saga in a real browser: flagged by the sweep, found in the stuck tab, compensated.
 
 A step that hangs (its participant never answers) keeps its saga running
-with no progress. The stuck sweep (:class:`engine.sweeps.Sweeps`, the real
+with no progress. The stuck sweep (:class:`engine.sweeper.passes.Sweeps`, the real
 one, on the real clock) flags it; an operator finds it in the stuck tab,
 sees the badge and how far off its step's usual duration it is, and
 force-compensates it. The worker still waiting on the hung attempt gives
@@ -23,7 +23,7 @@ from playwright.sync_api import expect
 
 from console.serve import ConsoleServer
 from engine import Retry, Saga, SagaEngine, SagaState, Settings, StepContext
-from engine.sweeps import Sweeps
+from engine.sweeper.passes import Sweeps
 from tests.console.console_sagas import SAGAS
 from tests.console.support import PASSWORD, make_app
 from tests.console.test_console_browser import _shot, browser

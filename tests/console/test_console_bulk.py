@@ -20,9 +20,10 @@ from flask.testing import FlaskClient
 
 import console.bulk
 from engine import Action, SagaEngine, SagaState
-from engine import schema as t
-from engine.bulk import BulkFilter, BulkRecovery, BulkStatus
+from engine.bulk.model import BulkFilter, BulkStatus
+from engine.bulk.recovery import BulkRecovery
 from engine.queries import Queries
+from engine.store import schema as t
 from tests.console.console_sagas import SCRIPT
 from tests.console.support import PASSWORD, dead_lettered, make_app, text
 

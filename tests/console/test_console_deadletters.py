@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from engine import SagaEngine, SagaState
 from engine.model import Instance
 from engine.queries import Queries
-from engine.sweeps import Sweeps
+from engine.sweeper.passes import Sweeps
 from tests.console.console_sagas import SCRIPT
 from tests.console.support import PASSWORD, dead_lettered, make_app, make_engine, text
 

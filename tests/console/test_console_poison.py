@@ -22,8 +22,11 @@ from markupsafe import escape
 from console.formatting import timestamp
 from console.poison import Why, describe, visible
 from engine import SagaEngine, Settings
-from engine.bus import PARTICIPANTS, WORKERS, PoisonRecord, RedisBus
-from engine.remote import BadMessage, Command, ReplyListener
+from engine.remote.messages import BadMessage, Command
+from engine.remote.replies import ReplyListener
+from engine.transport.commands import PARTICIPANTS, WORKERS
+from engine.transport.redis_streams import RedisBus
+from engine.transport.streams import PoisonRecord
 from tests.console.console_sagas import SAGAS
 from tests.console.support import make_app, sign_in, text
 from tests.helpers.engines import wait_for

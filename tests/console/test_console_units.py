@@ -12,9 +12,9 @@ from console.params import parse_audit, parse_list
 from console.ratelimit import LoginThrottle
 from console.timeline import build_steps
 from engine import InvalidInput, SagaState, StepStatus
-from engine import schema as t
 from engine.model import Instance, StepState
 from engine.queries import EventRecord
+from engine.store import schema as t
 from engine.users import UserStore
 
 

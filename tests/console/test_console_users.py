@@ -12,8 +12,8 @@ from flask.testing import FlaskClient
 
 from console.commands import user_group
 from engine import InvalidInput
-from engine.schema import users as users_table
 from engine.store import open_store
+from engine.store.schema import users as users_table
 from engine.users import Role, UserStore
 from tests.console.support import PASSWORD, sign_in, text
 

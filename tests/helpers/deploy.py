@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from engine import Saga, SagaEngine, Settings
-from engine.bus import CommandBus, InProcessBus
-from engine.participant import ParticipantRuntime, ParticipantService
+from engine.remote.participant import ParticipantRuntime, ParticipantService
+from engine.transport.commands import CommandBus, InProcessBus
 from engine.worker import Worker
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from engine import Saga, SagaEngine, SagaState, Settings
 from engine.model import Instance
 from engine.queries import EventRecord, Queries
-from engine.transport import Transport
+from engine.transport.doorbells import Transport
 from engine.worker import Worker
 
 

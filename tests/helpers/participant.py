@@ -39,9 +39,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine as SAEngine
 
 from engine import IdempotencyGuard, NonRetryableError, StepContext, StepFailed
-from engine.schema import BigId
 from engine.states import Phase
 from engine.store import open_store
+from engine.store.schema import BigId
 
 meta = sa.MetaData()
 

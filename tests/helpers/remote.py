@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from engine import Retry, Saga
-from engine.participant import ParticipantService
+from engine.remote.participant import ParticipantService
 from tests.helpers.participant import Participant
 from tests.helpers.sagas import QUICK
 

@@ -13,7 +13,7 @@ from typing import Any
 from engine import NonRetryableError, Retry, Saga, SagaEngine, Settings, StepContext
 from engine.decide import Run, begin_attempt
 from engine.model import Instance
-from engine.transport import Delivery
+from engine.transport.doorbells import Delivery
 
 T0 = 1_800_000_000_000
 #: A failed attempt waits an hour: nothing moves by itself while a test looks.

@@ -45,14 +45,15 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine import metrics
-from engine.bus import PARTICIPANTS, CommandBus, Entry, read_wait
 from engine.definition import COMMAND_NAME
 from engine.errors import DefinitionError, InvalidInput, NonRetryableError, TransportError
 from engine.logs import bound
 from engine.model import now_ms
-from engine.remote import BadMessage, Command, Outcome, Reply
+from engine.remote.messages import BadMessage, Command, Outcome, Reply
 from engine.states import Phase
 from engine.store import dumps, retry_on_disconnect
+from engine.transport.commands import PARTICIPANTS, CommandBus, read_wait
+from engine.transport.streams import Entry
 
 if TYPE_CHECKING:
     from engine.settings import Settings

@@ -2,7 +2,7 @@
 
 Every transport has the same small interface, so the worker does not know
 which one it has. The in-process queue serves the embedded default; the
-Redis Streams transport (:mod:`engine.redis_transport`) serves production.
+Redis Streams transport (:mod:`engine.transport.redis_doorbells`) serves production.
 
 What every transport promises:
 

@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 import sqlalchemy as sa
 
-from engine import logs, migrate
-from engine.app import SagaEngine
+from engine import logs
 from engine.definition import Saga
 from engine.errors import (
     ConcurrencyConflict,
@@ -52,13 +51,14 @@ from engine.loader import App, load_app, split_names
 from engine.model import Instance, StepState, now_ms
 from engine.queries import InstanceFilter, Queries
 from engine.registry import Registry
+from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.states import Phase, SagaState
-from engine.store import Store, open_store
+from engine.store import Store, migrate, open_store
 
 if TYPE_CHECKING:
-    from engine.events import EventRuntime
-    from engine.scheduler import Sweeper
+    from engine.choreography.runtime import EventRuntime
+    from engine.sweeper.scheduler import Sweeper
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -414,7 +414,7 @@ def sweeper(cli: Cli, metrics_port: int | None, once: bool) -> None:
 
 def _sweeper(engine: SagaEngine) -> Sweeper:
     # Imported here: APScheduler loads only for the commands that sweep.
-    from engine.scheduler import Sweeper
+    from engine.sweeper.scheduler import Sweeper
 
     return Sweeper(engine)
 
@@ -463,10 +463,10 @@ def participant(
 ) -> None:
     """Run participant handlers (-A modules) on commands and domain events from Redis until
     SIGTERM or Ctrl-C."""
-    from engine.bus import RedisBus
-    from engine.events import choreographies_in, handlers_in
+    from engine.choreography.handlers import choreographies_in, handlers_in
     from engine.loader import import_module
-    from engine.participant import ParticipantRuntime, init_hooks, load_participants
+    from engine.remote.participant import ParticipantRuntime, init_hooks, load_participants
+    from engine.transport.redis_streams import RedisBus
 
     if not cli.settings.redis_url:
         raise InvalidInput(
@@ -520,15 +520,16 @@ def participant(
 
 
 def _has_commands(modules: Sequence[ModuleType]) -> bool:
-    from engine.participant import participants_in
+    from engine.remote.participant import participants_in
 
     return any(participants_in(m) for m in modules)
 
 
 def _event_runtime(cli: Cli, modules: Sequence[ModuleType], only: Sequence[str]) -> EventRuntime:
     """The domain-event handlers (and the choreography tracker) the modules define."""
-    from engine.events import EventRuntime, RedisEventLog, event_services
+    from engine.choreography.runtime import EventRuntime, event_services
     from engine.store import open_store
+    from engine.transport.event_log import RedisEventLog
 
     store = open_store(cli.settings.database_url)
     cli._closers.append(store.dispose)
@@ -1053,7 +1054,7 @@ _ACTION = click.argument("action", type=click.Choice([str(a) for a in Action]))
 
 
 def _bulk_filter(options: dict[str, Any]) -> Any:
-    from engine.bulk import BulkFilter
+    from engine.bulk.model import BulkFilter
 
     return BulkFilter(
         saga_name=options["saga_name"],
@@ -1086,7 +1087,7 @@ def _parse_time(text: str | None, option: str) -> int | None:
 @pass_cli
 def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> None:
     """Count and sample the instances ACTION would touch; changes nothing."""
-    from engine.bulk import BulkRecovery
+    from engine.bulk.recovery import BulkRecovery
 
     dry = BulkRecovery(cli.engine()).dry_run(Action(action), _bulk_filter(options))
     if as_json:
@@ -1096,7 +1097,7 @@ def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> Non
 
 
 def _render_dry_run(dry: Any) -> None:
-    from engine.bulk import MAX_ITEMS
+    from engine.bulk.model import MAX_ITEMS
 
     if dry.too_many:
         click.echo(f"matches more than {MAX_ITEMS:,} instances: narrow the filter")
@@ -1160,7 +1161,7 @@ def bulk_run(
     **options: Any,
 ) -> None:
     """Apply ACTION to every instance the filter matches, in the foreground (Ctrl-C stops)."""
-    from engine.bulk import BulkRecovery
+    from engine.bulk.recovery import BulkRecovery
 
     engine = cli.engine()
     recovery, flt = BulkRecovery(engine), _bulk_filter(options)
@@ -1214,7 +1215,7 @@ def _tally(op: Any) -> str:
 @pass_cli
 def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
     """Stop a running bulk operation before its next item (from any host)."""
-    from engine.bulk import BulkRecovery
+    from engine.bulk.recovery import BulkRecovery
 
     op = BulkRecovery(cli.engine()).stop(operation_id, actor)
     click.echo(f"bulk operation {op.id}: stop requested by {actor}; it is {op.status}")
@@ -1229,7 +1230,8 @@ def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
 @pass_cli
 def bulk_show(cli: Cli, operation_id: str, outcome: str | None, as_json: bool) -> None:
     """Show a bulk operation's report: settings, totals, and every item's outcome."""
-    from engine.bulk import MAX_ITEMS, BulkStore, ItemOutcome
+    from engine.bulk.model import MAX_ITEMS, ItemOutcome
+    from engine.store.bulk import BulkStore
 
     store = BulkStore(cli.store().db)
     op = store.get(operation_id)
@@ -1267,7 +1269,7 @@ def bulk_show(cli: Cli, operation_id: str, outcome: str | None, as_json: bool) -
 @pass_cli
 def bulk_list(cli: Cli, as_json: bool) -> None:
     """List recent bulk operations, newest first."""
-    from engine.bulk import BulkStore
+    from engine.store.bulk import BulkStore
 
     ops = BulkStore(cli.store().db).recent()
     if as_json:
@@ -1500,7 +1502,3 @@ def _first_line(text: str | None, width: int = 80) -> str:
         return ""
     line = text.strip().splitlines()[0]
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """The store's tables, as SQLAlchemy Core metadata valid on PostgreSQL and SQLite.
 
-Alembic migrations under ``engine/migrations`` create these; a test checks
+Alembic migrations under ``engine/store/migrations`` create these; a test checks
 that the migrated schema matches this metadata. Times are BIGINT epoch
 milliseconds. Partial indexes keep the worker's hot queries off finished
 instances.

@@ -9,7 +9,7 @@ deployments can share one Redis)::
                       often), with their raw fields, the reason and the
                       source stream and entry id
 
-The transport is a thin layer over :class:`~engine.bus.RedisBus`, which owns
+The transport is a thin layer over :class:`~engine.transport.redis_streams.RedisBus`, which owns
 the consumer-group mechanics: a worker acknowledges (XACK) an entry only
 after handling it, so a worker that dies leaves its entries pending; live
 workers take them over with XAUTOCLAIM once they have been idle for
@@ -29,10 +29,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from engine import metrics
-from engine.bus import RAW_PREFIX, Entry, PoisonRecord, RedisBus
 from engine.errors import InvalidInput
-from engine.redis_client import connect
-from engine.transport import Delivery
+from engine.transport.doorbells import Delivery
+from engine.transport.redis_client import connect
+from engine.transport.redis_streams import RedisBus
+from engine.transport.streams import RAW_PREFIX, Entry, PoisonRecord
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -68,7 +69,7 @@ class RedisStreamsTransport:
         max_deliveries: int = 10,
         forget_idle_seconds: float = 3600.0,
     ) -> None:
-        """Connect to ``url``; see :class:`~engine.bus.RedisBus` for the options."""
+        """Connect to ``url``; :class:`~engine.transport.redis_streams.RedisBus` has the options."""
         self._bus = RedisBus(
             url,
             prefix=prefix,

@@ -5,7 +5,7 @@
   executor's own rule (:meth:`Executor.settle`: timed out past its deadline,
   abandoned before it) and its policy applies; due work that no worker
   claimed for ``sweep_redispatch_seconds`` gets its doorbell rung again.
-  This is :func:`engine.recovery.recover` on a schedule, in bounded batches.
+  This is :func:`engine.sweeper.doorbells.recover` on a schedule, in bounded batches.
 - ``stuck``: an active instance with no progress (and no operator action)
   for longer than its current step's expected duration plus the saga's
   grace is flagged (``stuck_since`` and a timeline event, in one
@@ -25,7 +25,7 @@ Each reads at most ``sweep_batch`` rows along a partial index, and each
 write re-checks its condition (a free lease under a row lock, a version,
 ``stuck_since IS NULL``), so running a sweep twice, or two sweepers at once,
 acts once. The
-scheduler (:mod:`engine.scheduler`) also lets only one sweeper run at a time.
+scheduler (:mod:`engine.sweeper.scheduler`) also lets only one sweeper run at a time.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from engine.operations import Operations
 from engine.registry import Registry
 from engine.states import SagaState
 from engine.store import DeadLetterRef, Overdue, StuckCandidate, StuckMark
-from engine.transport import ring
+from engine.transport.doorbells import ring
 
 if TYPE_CHECKING:
-    from engine.app import SagaEngine
+    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 

@@ -1,102 +1,25 @@
-"""Choreographed sagas: a declaration to track them, and the pure tracker core.
-
-In a choreography no coordinator sends commands: each service reacts to the
-others' domain events (:mod:`engine.events`) and publishes its own. A
-:class:`Choreography` declares what the engine should expect so that it can
-show where each instance stands: the event that starts one, the event that
-marks each step done, the failure events, the event each step publishes
-when it undoes its work, and how long each step is expected to take.
+"""The pure tracker core: one domain event moves a choreographed instance.
 
 :func:`track` maps (current snapshot or None, one domain event) to the next
 snapshot and its timeline entries, as :mod:`engine.decide` does for
 orchestrated sagas, so a choreographed instance has the same states, steps
-and timeline; :class:`Tracker` loads and saves through the store, one
-instance per correlation id (its idempotency key is ``choreo:<correlation id>``).
+and timeline. No I/O here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import ConcurrencyConflict, DefinitionError
+from engine.choreography.declaration import CHOREOGRAPHED, Choreography, DomainEvent
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id
 from engine.states import CompensationStatus, Phase, SagaState, StepStatus
 
 if TYPE_CHECKING:
-    from engine.store import Store
+    pass
 
-#: The value of ``saga_instances.kind`` for instances the tracker keeps.
-CHOREOGRAPHED = "choreographed"
-#: The actor the tracker writes in the timeline.
-TRACKER = "choreography-tracker"
+
 _KEY_PREFIX = "choreo:"
-
-
-@dataclass(frozen=True)
-class DomainEvent:
-    """One domain event as the tracker sees it."""
-
-    id: str
-    type: str
-    correlation_id: str
-    data: Mapping[str, Any] = field(default_factory=dict)
-    at: int = 0  # epoch milliseconds when it was published
-
-
-@dataclass(frozen=True)
-class ChoreoStep:
-    """One step of a choreography: the event that marks it done, and the one that undoes it."""
-
-    name: str
-    done: str
-    compensated_by: str | None = None  # None: nothing to undo (a pivot or a final step)
-    expected: timedelta = timedelta(seconds=30)
-
-    @property
-    def expected_ms(self) -> int:
-        return int(self.expected.total_seconds() * 1000)
-
-
-@dataclass(frozen=True)
-class Choreography:
-    """What to expect of a choreographed saga; validated when built."""
-
-    name: str
-    start: str
-    steps: tuple[ChoreoStep, ...]
-    #: Failure event type -> the name of the step that failed.
-    failures: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.name or not self.start:
-            raise DefinitionError(
-                self.name, None, "a choreography needs a name and a starting event"
-            )
-        if not self.steps:
-            raise DefinitionError(self.name, None, "a choreography needs at least one step")
-        names = [s.name for s in self.steps]
-        if len(set(names)) != len(names):
-            raise DefinitionError(self.name, None, "step names must be unique")
-        types = [self.start, *(s.done for s in self.steps), *self.failures]
-        types += [s.compensated_by for s in self.steps if s.compensated_by]
-        if len(set(types)) != len(types):
-            raise DefinitionError(self.name, None, "each event type may play one role only")
-        for event_type, step in self.failures.items():
-            if step not in names:
-                raise DefinitionError(
-                    self.name, step, f"failure event {event_type!r} names no declared step"
-                )
-
-    def event_types(self) -> list[str]:
-        """Every event type the tracker consumes for this choreography."""
-        found = [self.start, *(s.done for s in self.steps), *self.failures]
-        return found + [s.compensated_by for s in self.steps if s.compensated_by]
-
-    def index_of(self, step: str) -> int:
-        return next(i for i, s in enumerate(self.steps) if s.name == step)
 
 
 # -- the pure core ----------------------------------------------------------
@@ -348,92 +271,3 @@ def _detail(event: DomainEvent) -> dict[str, Any]:
 def instance_key(correlation_id: str) -> str:
     """The idempotency key of the tracked instance for ``correlation_id``."""
     return _KEY_PREFIX + correlation_id
-
-
-# -- the tracker: the pure core on top of the store -------------------------
-
-
-class Tracker:
-    """Applies domain events to the stored instances of the declared choreographies."""
-
-    def __init__(self, store: Store, choreographies: Sequence[Choreography]) -> None:
-        self.store = store
-        self.by_type: dict[str, Choreography] = {}
-        for decl in choreographies:
-            for event_type in decl.event_types():
-                if event_type in self.by_type:
-                    raise DefinitionError(
-                        decl.name, None, f"event {event_type!r} is declared twice"
-                    )
-                self.by_type[event_type] = decl
-
-    def event_types(self) -> list[str]:
-        return sorted(self.by_type)
-
-    def apply(self, event: DomainEvent, attempts: int = 5) -> Instance | None:
-        """Apply ``event``; returns the instance as stored, or None when it is not tracked."""
-        decl = self.by_type.get(event.type)
-        if decl is None:
-            return None
-        for attempt in range(attempts):
-            try:
-                return self._apply_once(decl, event)
-            except ConcurrencyConflict:
-                if attempt == attempts - 1:
-                    raise
-                # Another tracker moved it on: read it again.
-        return None
-
-    def _apply_once(self, decl: Choreography, event: DomainEvent) -> Instance | None:
-        inst = self.store.find_by_key(decl.name, instance_key(event.correlation_id))
-        transition = track(decl, inst, event)
-        if transition is None:
-            return inst
-        if inst is None:
-            created, fresh = self.store.create(transition, TRACKER)
-            if fresh:
-                return created
-            return self._apply_once(decl, event)  # another tracker created it first
-        return self.store.save(inst, transition, TRACKER)
-
-    # -- stuck detection ------------------------------------------------------
-
-    def stuck_rules(self) -> list[tuple[int, list[tuple[str, int, int]]]]:
-        """(expected ms, the (choreography, 1, step index) it applies to), shortest first."""
-        by_ms: dict[int, list[tuple[str, int, int]]] = {}
-        for decl in {id(d): d for d in self.by_type.values()}.values():
-            for index, step in enumerate(decl.steps):
-                by_ms.setdefault(step.expected_ms, []).append((decl.name, 1, index))
-        return sorted(by_ms.items())
-
-    def flag_stuck(self, now: int, limit: int = 100) -> list[str]:
-        """Flag the instances whose expected event is overdue; returns their ids.
-
-        The same flag as the stuck sweep's for orchestrated sagas: ``stuck_since``
-        and a ``stuck_detected`` timeline event naming the missing event; the
-        next event that moves the instance clears it.
-        """
-        from engine.store import StuckMark
-
-        by_name = {d.name: d for d in self.by_type.values()}
-        marks = []
-        for found in self.store.stuck_candidates(now, self.stuck_rules(), limit):
-            decl = by_name[found.saga_name]
-            step = decl.steps[found.current_step]
-            inst = self.store.load(found.id)
-            missing = (
-                missing_compensations(decl, inst)
-                if found.state is SagaState.COMPENSATING
-                else [step.done]
-            )
-            detail = {
-                "why": f"expected {', '.join(missing)} within {step.expected_ms // 1000}s "
-                "of the last event, and it has not arrived",
-                "missing": missing,
-                "no_progress_since": found.last_progress_at,
-                "allowed_ms": step.expected_ms,
-                "policy": "alert",
-                "action": "none",
-            }
-            marks.append(StuckMark(found, step.name, detail))
-        return self.store.mark_stuck(marks, now, TRACKER) if marks else []

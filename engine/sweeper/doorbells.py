@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from engine import schema as t
 from engine.states import ACTIVE_STATES
+from engine.store import schema as t
 
 if TYPE_CHECKING:
-    from engine.app import SagaEngine
+    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 

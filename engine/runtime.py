@@ -11,21 +11,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.bus import CommandBus, bus_from_settings
 from engine.definition import Saga
 from engine.errors import InvalidInput
 from engine.executor import Clock, Executor
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
 from engine.operations import Operations
 from engine.registry import Registry
-from engine.remote import Dispatcher
+from engine.remote.dispatch import Dispatcher
 from engine.settings import Settings
 from engine.states import SagaState
 from engine.store import Store, dumps, open_store, retry_on_disconnect
-from engine.transport import InProcessQueue, Transport, ring
+from engine.transport.commands import CommandBus, bus_from_settings
+from engine.transport.doorbells import InProcessQueue, Transport, ring
 
 if TYPE_CHECKING:
-    from engine.participant import ParticipantRuntime, ParticipantService
+    from engine.remote.participant import ParticipantRuntime, ParticipantService
     from engine.signals import Delivered
 
 _MAX_KEY = 200
@@ -186,7 +186,7 @@ class SagaEngine:
         With the in-process bus this is how remote steps run without Redis:
         the participants' handlers run as threads of this process.
         """
-        from engine.participant import ParticipantRuntime
+        from engine.remote.participant import ParticipantRuntime
 
         runtime = ParticipantRuntime(
             services,
@@ -258,7 +258,7 @@ def _check_key(field: str, value: str | None) -> None:
 
 def _default_transport(settings: Settings) -> Transport:
     if settings.redis_url:
-        from engine.redis_transport import RedisStreamsTransport
+        from engine.transport.redis_doorbells import RedisStreamsTransport
 
         return RedisStreamsTransport.from_settings(settings)
     return InProcessQueue()

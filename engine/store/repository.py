@@ -21,7 +21,6 @@ from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import DBAPIError
 
 from engine import metrics
-from engine import schema as t
 from engine.errors import ConcurrencyConflict, InvalidInput, SagaNotFound
 from engine.model import (
     Event,
@@ -33,6 +32,7 @@ from engine.model import (
     now_ms,
 )
 from engine.states import ACTIVE_STATES, CompensationStatus, Phase, SagaState, StepStatus
+from engine.store import schema as t
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,224 @@
+"""Bulk recovery: one operator action over every instance a filter matches, paced and stoppable.
+
+The flow, for the console and ``saga bulk`` alike:
+
+1. :meth:`BulkRecovery.dry_run` counts the instances a :class:`BulkFilter`
+   matches and shows a sample, with whether the action applies to each. It
+   writes nothing.
+2. :meth:`BulkRecovery.create` snapshots the matching instances as the
+   operation's items, in one transaction, and refuses
+   (:class:`SelectionChanged`) when their number is not the one the operator
+   confirmed.
+3. A :class:`BulkRunner` works through the items in batches at a rate
+   limit. Each item goes through the operations API, with the operator as
+   actor, the bulk reason, and the version the snapshot saw, so an instance
+   that moved on since is skipped, never acted on blind. Between items it
+   checks the stop flag in the store, so a stop works from any process;
+   after each item it checks the failure rate and halts itself when it
+   passes the threshold.
+
+Everything lives in the store (``saga_bulk_operations`` and
+``saga_bulk_items``): the report survives restarts, and a run whose process
+died shows as interrupted and can be resumed by any process. Each item's
+outcome is also in the audit log: the applied action's own entry, or a
+``bulk_not_applied`` note saying why it was not applied.
+
+Outcomes of an item: ``applied``; ``skipped`` (the instance changed since
+the snapshot, its state no longer allows the action, or it is gone:
+nothing was done); ``error`` (the action could not be applied, say its
+saga definition is not loaded); ``failed_again`` (applied, and the
+instance has since been dead-lettered again: a retry whose cause is not
+fixed). Errors and failures again count towards the failure rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from engine import interventions
+from engine.bulk.model import (
+    MAX_BATCH,
+    MAX_BULK_REASON,
+    MAX_ITEMS,
+    MAX_RATE,
+    MIN_RATE,
+    SAMPLE_SIZE,
+    BulkFilter,
+    BulkOperation,
+    BulkStatus,
+    DryRun,
+    SampleItem,
+)
+from engine.bulk.runner import BulkRunner
+from engine.errors import (
+    InvalidInput,
+    InvalidTransition,
+    SagaNotFound,
+    UnknownSaga,
+)
+from engine.interventions import Action
+from engine.model import new_id
+from engine.store.bulk import BulkStore
+
+if TYPE_CHECKING:
+    from engine.runtime import SagaEngine
+
+log = logging.getLogger(__name__)
+
+
+# -- the facade ------------------------------------------------------------------
+
+
+class BulkRecovery:
+    """Dry runs, creating, running, stopping and reading bulk operations on one engine."""
+
+    def __init__(self, engine: SagaEngine) -> None:
+        self.engine = engine
+        self.store = BulkStore(engine.store.db)
+
+    def dry_run(self, action: Action, flt: BulkFilter, sample_size: int = SAMPLE_SIZE) -> DryRun:
+        """How many instances ``flt`` matches, and the first ``sample_size``; writes nothing."""
+        count = self.store.count(flt)
+        rows = self.store.sample(flt, sample_size) if count else []
+        sample = [self._sample_item(action, r) for r in rows]
+        return DryRun(action, flt, min(count, MAX_ITEMS), count > MAX_ITEMS, sample)
+
+    def create(
+        self,
+        action: Action,
+        flt: BulkFilter,
+        *,
+        actor: str,
+        reason: str,
+        expected_count: int,
+        batch_size: int = 50,
+        rate_per_second: float = 5.0,
+        max_failure_rate: float = 0.2,
+    ) -> BulkOperation:
+        """Snapshot the matching instances as a new operation (not started: see :meth:`run`)."""
+        _check(action, reason, actor, batch_size, rate_per_second, max_failure_rate)
+        if expected_count < 1:
+            raise InvalidInput("expected count", "the dry run matched no instances: nothing to do")
+        now = self.engine.clock()
+        operation_id = new_id(now)
+        op = {
+            "id": operation_id,
+            "action": str(action),
+            "reason": reason.strip(),
+            "created_by": actor.strip(),
+            "created_at": now,
+            "selection": flt.to_json(),
+            "batch_size": batch_size,
+            "rate_per_second": float(rate_per_second),
+            "max_failure_rate": float(max_failure_rate),
+            "status": str(BulkStatus.RUNNING),
+            "total": 0,
+            "heartbeat_at": now,
+        }
+        self.store.insert(op, flt, expected_count)
+        log.info("bulk %s: %s on %d instances, by %s", operation_id, action, expected_count, actor)
+        return self.store.get(operation_id)
+
+    def runner(self, **clocks: Any) -> BulkRunner:
+        """A runner with an id of its own (host, process, and a random part)."""
+        runner_id = f"{self.engine.owner}:bulk:{uuid.uuid4().hex[:8]}"
+        return BulkRunner(self.store, self.engine.operations, runner_id, **clocks)
+
+    def run(self, operation_id: str) -> BulkOperation:
+        """Run (or resume) the operation in this thread until it ends."""
+        return self.runner().run(operation_id)
+
+    def spawn(self, operation_id: str) -> threading.Thread:
+        """Run the operation in a background thread of this process; returns the thread."""
+        thread = threading.Thread(
+            target=self._run_logged,
+            args=(operation_id,),
+            name=f"saga-bulk-{operation_id[-8:]}",
+            daemon=True,
+        )
+        thread.start()
+        return thread
+
+    def stop(self, operation_id: str, by: str) -> BulkOperation:
+        """Ask the runner to stop before its next item; an interrupted one stops at once."""
+        now = self.engine.clock()
+        op = self.store.get(operation_id)
+        if not op.is_running:
+            raise InvalidTransition(
+                operation_id, "stop bulk operation", str(op.status), "it has already ended"
+            )
+        self.store.request_stop(operation_id, by, now)
+        if op.interrupted(now):
+            self.store.finish(operation_id, None, BulkStatus.STOPPED, f"stopped by {by}", now)
+        return self.store.get(operation_id)
+
+    def get(self, operation_id: str) -> BulkOperation:
+        return self.store.get(operation_id)
+
+    def _run_logged(self, operation_id: str) -> None:
+        runner = self.runner()
+        try:
+            runner.run(operation_id)
+        except Exception as exc:
+            # A background thread has nobody to raise to: log it with its
+            # traceback, and leave the operation resumable, saying why.
+            log.exception("bulk %s: the runner failed", operation_id)
+            try:
+                self.store.release(operation_id, runner.runner_id, f"the runner failed: {exc}")
+            except Exception:  # the store is what failed; the log line above says so
+                log.exception("bulk %s: could not record the failure", operation_id)
+
+    def _sample_item(self, action: Action, row: Any) -> SampleItem:
+        applies, why = self._applies(action, row["id"])
+        return SampleItem(
+            saga_id=row["id"],
+            saga_name=row["saga_name"],
+            saga_version=row["saga_version"],
+            state=row["state"],
+            business_key=row["business_key"],
+            step_name=row["step_name"],
+            error=row["error"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            applies=applies,
+            why_not=why,
+        )
+
+    def _applies(self, action: Action, saga_id: str) -> tuple[bool | None, str | None]:
+        try:
+            inst = self.engine.store.load(saga_id)
+            defn = self.engine.registry.get(inst.saga_name, inst.saga_version)
+            interventions.apply(action, inst, defn, self.engine.clock())
+        except SagaNotFound:
+            return False, "it no longer exists"
+        except UnknownSaga:
+            return None, "this process does not load its saga definition"
+        except InvalidTransition as exc:
+            return False, exc.why
+        return True, None
+
+
+def _check(
+    action: Action,
+    reason: str,
+    actor: str,
+    batch_size: int,
+    rate: float,
+    max_failure_rate: float,
+) -> None:
+    if not (reason or "").strip():
+        raise InvalidInput("reason", "say why you are doing this; it goes in the audit log")
+    if len(reason.strip()) > MAX_BULK_REASON:
+        raise InvalidInput("reason", f"is {len(reason)} characters; the limit is {MAX_BULK_REASON}")
+    if not (actor or "").strip():
+        raise InvalidInput("actor", "name who is acting")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise InvalidInput("batch size", f"must be between 1 and {MAX_BATCH}")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InvalidInput("rate", f"must be between {MIN_RATE} and {MAX_RATE:g} per second")
+    if not 0.0 <= max_failure_rate <= 1.0:
+        raise InvalidInput("failure threshold", "must be between 0% and 100%")
+    Action(action)

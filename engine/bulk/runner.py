@@ -1,0 +1,191 @@
+"""Running a bulk operation: items in batches, at a rate, stoppable, halting on failures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.bulk.model import (
+    MAX_RATE,
+    MIN_RATE,
+    MIN_SAMPLE,
+    BulkItem,
+    BulkOperation,
+    BulkStatus,
+    ItemOutcome,
+)
+from engine.errors import (
+    ConcurrencyConflict,
+    InvalidInput,
+    InvalidTransition,
+    SagaNotFound,
+    UnknownSaga,
+)
+from engine.model import now_ms
+from engine.operations import MAX_REASON
+from engine.store.bulk import BulkStore
+
+if TYPE_CHECKING:
+    from engine.operations import Operations
+
+log = logging.getLogger(__name__)
+
+
+# -- pacing ----------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Spaces calls of :meth:`wait` at least ``1/rate`` seconds apart (no bursts).
+
+    So any window of ``w`` seconds holds at most ``w * rate + 1`` calls. The
+    clock and sleep are injected, so tests check the schedule, not the speed.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise InvalidInput("rate", f"must be between {MIN_RATE} and {MAX_RATE:g} per second")
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self.sleep = sleep
+        self._next: float | None = None
+
+    def wait(self) -> None:
+        """Return at the next free slot, sleeping until then if needed."""
+        now = self.clock()
+        slot = now if self._next is None else max(self._next, now)
+        if slot > now:
+            self.sleep(slot - now)
+        self._next = slot + self.interval
+
+
+# -- running ---------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    processed: int
+    failures: int
+
+
+class BulkRunner:
+    """Works through one operation's items; one runner per operation at a time."""
+
+    def __init__(
+        self,
+        bulk: BulkStore,
+        operations: Operations,
+        runner_id: str,
+        *,
+        now: Callable[[], int] = now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.bulk = bulk
+        self.operations = operations
+        self.runner_id = runner_id
+        self.now = now
+        self.monotonic = monotonic
+        self.sleep = sleep
+
+    def run(self, operation_id: str) -> BulkOperation:
+        """Process the pending items until done, stopped, halted or taken over."""
+        op = self.bulk.claim(operation_id, self.runner_id, self.now())
+        if op is None:
+            return self.bulk.get(operation_id)  # finished, or another runner has it
+        log.info(
+            "bulk %s: %s on %d instances, run by %s", op.id, op.action, op.total, op.created_by
+        )
+        limiter = RateLimiter(op.rate_per_second, self.monotonic, self.sleep)
+        tally = _Tally(op.processed, op.failures)
+        while True:
+            batch = self.bulk.pending(op.id, op.batch_size)
+            if not batch:
+                return self._end(op, BulkStatus.COMPLETED, "every instance was processed")
+            for item in batch:
+                control = self.bulk.beat(op.id, self.runner_id, self.now())
+                if control.lost:
+                    log.warning("bulk %s: another runner took over; this one stops", op.id)
+                    return self.bulk.get(op.id)
+                if control.stop_by is not None:
+                    return self._end(op, BulkStatus.STOPPED, f"stopped by {control.stop_by}")
+                limiter.wait()
+                tally.processed += 1
+                tally.failures += self._process(op, item)
+                if self._too_many_failures(op, tally):
+                    return self._halt(op, tally)
+            tally.failures += self.bulk.mark_failed_again(op.id)
+            if self._too_many_failures(op, tally):
+                return self._halt(op, tally)
+
+    def _process(self, op: BulkOperation, item: BulkItem) -> int:
+        """Apply the action to one item and record its outcome; 1 if it failed, else 0."""
+        reason = op.reason  # the operator's words; the audit detail names the operation
+        try:
+            inst = self.operations.act(
+                op.action,
+                item.saga_id,
+                actor=op.created_by,
+                reason=reason,
+                expected_version=item.version_before,
+                detail={"bulk_operation": op.id},
+            )
+        except ConcurrencyConflict as exc:
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason)
+        except SagaNotFound:
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, "it no longer exists", reason)
+        except InvalidTransition as exc:
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason)
+        except (UnknownSaga, InvalidInput) as exc:
+            return self._not_applied(op, item, ItemOutcome.ERROR, str(exc), reason)
+        self.bulk.record(
+            item,
+            ItemOutcome.APPLIED,
+            self.now(),
+            state_after=str(inst.state),
+            version_after=inst.version,
+        )
+        return 0
+
+    def _not_applied(
+        self, op: BulkOperation, item: BulkItem, outcome: ItemOutcome, why: str, reason: str
+    ) -> int:
+        self.bulk.record(item, outcome, self.now(), error=why)
+        detail = {"bulk_operation": op.id, "action": str(op.action), "outcome": str(outcome)}
+        # A purged instance has no audit entry to add; the report still has the item.
+        with contextlib.suppress(SagaNotFound):
+            self.operations.note_not_applied(
+                item.saga_id,
+                actor=op.created_by,
+                reason=f"{reason}: {why}"[:MAX_REASON],
+                detail={**detail, "why": why},
+            )
+        return 1 if outcome is ItemOutcome.ERROR else 0
+
+    def _too_many_failures(self, op: BulkOperation, tally: _Tally) -> bool:
+        if tally.processed < MIN_SAMPLE:
+            return False
+        return tally.failures / tally.processed > op.max_failure_rate
+
+    def _halt(self, op: BulkOperation, tally: _Tally) -> BulkOperation:
+        rate = tally.failures / tally.processed
+        note = (
+            f"halted: {tally.failures} of {tally.processed} processed failed ({rate:.0%}), "
+            f"over the {op.max_failure_rate:.0%} threshold"
+        )
+        log.warning("bulk %s: %s", op.id, note)
+        return self._end(op, BulkStatus.HALTED, note)
+
+    def _end(self, op: BulkOperation, status: BulkStatus, note: str) -> BulkOperation:
+        self.bulk.mark_failed_again(op.id)
+        self.bulk.finish(op.id, self.runner_id, status, note, self.now())
+        log.info("bulk %s: %s (%s)", op.id, status, note)
+        return self.bulk.get(op.id)

@@ -1,0 +1,39 @@
+"""The store: every SQL statement of the engine, on SQLite or PostgreSQL.
+
+Only this package (and its migrations) imports SQLAlchemy. Everything above it
+talks to :class:`Store` and the records it returns; a state change of an
+instance is one transaction here (the instance row, its step rows and its
+timeline events together).
+"""
+
+from engine.store.repository import (
+    DeadLetterRef,
+    OperatorRecord,
+    Overdue,
+    PostgresStore,
+    SqliteStore,
+    Store,
+    StuckCandidate,
+    StuckMark,
+    dumps,
+    has_nul,
+    normalise_url,
+    open_store,
+    retry_on_disconnect,
+)
+
+__all__ = [
+    "DeadLetterRef",
+    "OperatorRecord",
+    "Overdue",
+    "PostgresStore",
+    "SqliteStore",
+    "Store",
+    "StuckCandidate",
+    "StuckMark",
+    "dumps",
+    "has_nul",
+    "normalise_url",
+    "open_store",
+    "retry_on_disconnect",
+]
