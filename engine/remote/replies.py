@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -50,7 +49,7 @@ from engine.logs import bound
 from engine.model import Event, EventKind, Instance, Transition
 from engine.remote.dispatch import Dispatcher, resend_in_flight
 from engine.remote.messages import BadMessage, Outcome, Reply
-from engine.store import retry_on_disconnect
+from engine.store import refused_for_its_data, retry_on_disconnect
 from engine.transport.commands import WORKERS, read_wait
 from engine.transport.doorbells import ring
 from engine.transport.streams import Entry
@@ -353,13 +352,6 @@ class ReplyListener:
             resend_in_flight(self.engine)
         except (SQLAlchemyError, TransportError) as exc:
             log.warning("could not send the commands in flight again: %s", exc)
-
-
-def refused_for_its_data(exc: SQLAlchemyError) -> bool:
-    """True when the store refused what it was given (a value out of range, a broken
-    constraint): trying the same again cannot help. Anything else (unreachable, busy,
-    a schema behind its code) may pass later, so it is tried again."""
-    return isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError)
 
 
 def _first_line(exc: SQLAlchemyError) -> str:

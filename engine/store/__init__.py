@@ -6,6 +6,16 @@ instance is one transaction here (the instance row, its step rows and its
 timeline events together).
 """
 
+from engine.store.connection import Connection
+from engine.store.errors import (
+    DatabaseError,
+    StoreError,
+    backend_of,
+    database_message,
+    redacted,
+    refused_for_its_data,
+    sqlite_path,
+)
 from engine.store.repository import (
     DeadLetterRef,
     OperatorRecord,
@@ -23,17 +33,25 @@ from engine.store.repository import (
 )
 
 __all__ = [
+    "Connection",
+    "DatabaseError",
     "DeadLetterRef",
     "OperatorRecord",
     "Overdue",
     "PostgresStore",
     "SqliteStore",
     "Store",
+    "StoreError",
     "StuckCandidate",
     "StuckMark",
+    "backend_of",
+    "database_message",
     "dumps",
     "has_nul",
     "normalise_url",
     "open_store",
+    "redacted",
+    "refused_for_its_data",
     "retry_on_disconnect",
+    "sqlite_path",
 ]
