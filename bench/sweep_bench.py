@@ -157,7 +157,7 @@ def one_pass(sweeps: Sweeps) -> dict[str, Any]:
 
 def catch_up(engine: SagaEngine) -> int:
     """Flag and plan everything there is, with large batches, so the next passes are steady."""
-    big = Sweeps(_with(engine, sweep_batch=5000))
+    big = _with(engine, sweep_batch=5000).sweeps()
     passes = 0
     while True:
         passes += 1
@@ -219,12 +219,12 @@ def measure(url: str, cold_passes: int, steady_passes: int, scrape_runs: int) ->
     try:
         # A sweeper runs for days: warm its connections and statement caches first, with
         # a pass of batches of one (it settles the extra dead attempt, flags one, ...).
-        Sweeps(_with(engine, sweep_batch=1)).run_all()
-        cold = [one_pass(Sweeps(engine)) for _ in range(cold_passes)]
+        _with(engine, sweep_batch=1).sweeps().run_all()
+        cold = [one_pass(engine.sweeps()) for _ in range(cold_passes)]
         caught_up_in = catch_up(engine)
         vacuum(url)  # what autovacuum does after the catch-up's updates
         steady_engine = _with(engine, retention_days=60.0)  # nothing left to purge
-        steady = [one_pass(Sweeps(steady_engine)) for _ in range(steady_passes)]
+        steady = [one_pass(steady_engine.sweeps()) for _ in range(steady_passes)]
         scrape = scrape_times(engine, scrape_runs)
     finally:
         engine.close()

@@ -323,4 +323,4 @@ def _form_context(raw: dict[str, str], dry: DryRun | None, problem: str | None) 
 
 
 def _recovery() -> BulkRecovery:
-    return BulkRecovery(services.get().engine)
+    return services.get().engine.bulk_recovery()

@@ -210,7 +210,7 @@ def _check_definition(inst: Instance) -> None:
 def _open_waits(inst: Instance, defn: Saga | None) -> list[OpenWait]:
     if defn is None or not current_user.can(Role.OPERATOR):
         return []
-    return signals.open_waits(services.get().engine, inst)
+    return signals.open_waits(services.get().engine.collaborators, inst)
 
 
 @bp.route("/sagas/<saga_id>/signals/<event>", methods=["GET", "POST"])
@@ -224,7 +224,7 @@ def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
         check_seen_version(inst, request.args.get("version"))
         _check_definition(inst)
         form.expected_version.data = inst.version
-        return _signal_page(inst, event, form, signals.open_wait(engine, inst, event))
+        return _signal_page(inst, event, form, signals.open_wait(engine.collaborators, inst, event))
     if not form.validate_on_submit():
         return _signal_page(inst, event, form, _wait_for(inst, event)), 400
     try:
@@ -263,7 +263,12 @@ def _wait_for(inst: Instance, event: str) -> OpenWait | None:
     if _definition(inst) is None:
         return None
     return next(
-        (w for w in signals.open_waits(services.get().engine, inst) if w.event == event), None
+        (
+            w
+            for w in signals.open_waits(services.get().engine.collaborators, inst)
+            if w.event == event
+        ),
+        None,
     )
 
 

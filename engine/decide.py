@@ -390,3 +390,34 @@ def _failure_event(index: int, phase: Phase, attempt: int, failure: Failure) -> 
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def settle(transition: Transition, defn: Saga, now: int, rand: float) -> Transition:
+    """Record the end of an attempt marked running whose worker is gone.
+
+    It timed out when its deadline has passed, else it was abandoned; either
+    way its outcome is unknown and its policy applies. Workers and sweeps both
+    call this, so a deadline is enforced by the same rule whoever finds it.
+    """
+    inst = transition.instance
+    decision = decide(inst, now, defn)
+    if isinstance(decision, Expired):  # a remote or waiting attempt: nobody abandoned it
+        failure = expiry_failure(defn, decision)
+    elif isinstance(decision, Recover):
+        failure = _gone(inst, now)
+    else:
+        return transition
+    return transition.then(record_failure(inst, defn, now, failure, rand))
+
+
+def _gone(inst: Instance, now: int) -> Failure:
+    step, phase = inst.current, inst.phase
+    deadline = step.deadline_at if phase is Phase.ACTION else step.comp_deadline_at
+    if deadline is not None and now >= deadline:
+        return Failure(
+            "no outcome was recorded by its deadline (the worker running it stopped)",
+            timed_out=True,
+        )
+    return Failure(
+        "the worker running this attempt stopped before recording an outcome", abandoned=True
+    )

@@ -19,7 +19,7 @@ from engine.errors import DefinitionError, NonRetryableError
 from engine.states import Phase, StepKind
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
+    from engine.store.connection import Connection
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,99}$")
 

@@ -26,7 +26,6 @@ from engine.queries import Queries
 from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.store import migrate
-from engine.sweeper.scheduler import Sweeper
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def run_demo(
         settings = replace(settings, concurrency=options.concurrency)
     worker = engine.worker(settings.concurrency).start()
     # The sweeps too (stuck detection, overdue deadlines, lost doorbells), as in production.
-    sweeper = Sweeper(engine).start()
+    sweeper = engine.sweeper().start()
     out(_intro(engine, options, worker.concurrency))
     stats = DemoStats()
     try:

@@ -19,31 +19,26 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection
-
+from engine.collaborators import Clock, Collaborators
 from engine.decide import (
-    Expired,
-    Recover,
     Run,
     begin_attempt,
     decide,
-    expiry_failure,
     record_failure,
     record_success,
+    settle,
 )
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
 from engine.logs import bound
 from engine.model import Event, EventKind, Failure, Instance, Transition, idempotency_key
-from engine.registry import Registry
 from engine.remote.dispatch import Dispatcher
-from engine.signals import stored_signal
 from engine.states import Phase
 from engine.store import Store, dumps
+from engine.store.connection import Connection
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], int]
 _T = TypeVar("_T")
 
 
@@ -59,27 +54,21 @@ class Executor:
     """Advances instances whose lease ``owner`` holds; safe to share between threads."""
 
     def __init__(
-        self,
-        store: Store,
-        registry: Registry,
-        owner: str,
-        clock: Clock,
-        lease_ms: int = 30_000,
-        step_threads: int = 16,
+        self, collaborators: Collaborators, dispatcher: Dispatcher, step_threads: int = 16
     ) -> None:
-        self.store = store
-        self.registry = registry
-        self.owner = owner
-        self.clock = clock
+        self.store = collaborators.store
+        self.registry = collaborators.registry
+        self.owner = collaborators.owner
+        self.clock = collaborators.clock
+        #: Sends the commands of remote steps once their attempts are stored.
+        self.dispatcher = dispatcher
         self._pool = ThreadPoolExecutor(max_workers=step_threads, thread_name_prefix="saga-step")
         self._rand = random.Random()
         self._lock = threading.Lock()
-        self.leases = Heartbeat(store, owner, lease_ms, clock)
+        self.leases = Heartbeat(self.store, self.owner, collaborators.lease_ms, self.clock)
         self._batch_failures = _FailureRate()
         #: Set when the worker drains: each instance in hand stops after its current step.
         self.draining = threading.Event()
-        #: Sends the commands of remote steps; the engine sets it.
-        self.dispatcher: Dispatcher | None = None
 
     def shutdown(self) -> None:
         self.leases.stop()
@@ -127,22 +116,8 @@ class Executor:
         return transition, None
 
     def settle(self, transition: Transition, defn: Saga, now: int) -> Transition:
-        """Record the end of an attempt marked running whose worker is gone.
-
-        It timed out when its deadline has passed, else it was abandoned;
-        either way its outcome is unknown and its policy applies. The sweeps
-        call this too, so a deadline is enforced by the same rule whoever
-        finds it.
-        """
-        inst = transition.instance
-        decision = decide(inst, now, defn)
-        if isinstance(decision, Expired):  # a remote or waiting attempt: nobody abandoned it
-            failure = expiry_failure(defn, decision)
-        elif isinstance(decision, Recover):
-            failure = _gone(inst, now)
-        else:
-            return transition
-        return transition.then(record_failure(inst, defn, now, failure, self._random()))
+        """Record the end of an attempt whose worker is gone (:func:`engine.decide.settle`)."""
+        return settle(transition, defn, now, self._random())
 
     def _store(self, inst: Instance, transition: Transition, step: _Step | None) -> Instance:
         # Every change carries at least one event; none means nothing to store.
@@ -175,13 +150,11 @@ class Executor:
         its signal if one is stored already; otherwise its outcome comes later."""
         sdef = step.defn.steps[step.run.index]
         if sdef.signal is not None:
-            found = stored_signal(self.store, inst.id, sdef.signal)
+            found = self.store.stored_signal(inst.id, sdef.signal)
             if found is not None:
                 return (inst, *self._plan_next(self._outcome(inst, step, found.data), step.defn))
-        elif self.dispatcher is not None:
-            self.dispatcher.send(inst, step.run.index, step.run.phase, step.defn)
         else:
-            log.error("saga %s: no dispatcher for remote step %r", inst.id, sdef.name)
+            self.dispatcher.send(inst, step.run.index, step.run.phase, step.defn)
         return inst, Transition(inst), None
 
     def start_inline(self, transition: Transition, step: _Step) -> Instance:
@@ -454,19 +427,6 @@ class _Duplicate(Exception):
     def __init__(self, instance: Instance) -> None:
         super().__init__(instance.id)
         self.instance = instance
-
-
-def _gone(inst: Instance, now: int) -> Failure:
-    step, phase = inst.current, inst.phase
-    deadline = step.deadline_at if phase is Phase.ACTION else step.comp_deadline_at
-    if deadline is not None and now >= deadline:
-        return Failure(
-            "no outcome was recorded by its deadline (the worker running it stopped)",
-            timed_out=True,
-        )
-    return Failure(
-        "the worker running this attempt stopped before recording an outcome", abandoned=True
-    )
 
 
 def _failure(exc: BaseException, step: _Step) -> Failure:

@@ -9,24 +9,30 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from engine import interventions
+from engine.bulk.recovery import BulkRecovery
+from engine.collaborators import Clock, Collaborators
 from engine.definition import Saga
 from engine.errors import InvalidInput
-from engine.executor import Clock, Executor
+from engine.executor import Executor
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
-from engine.operations import Operations
+from engine.operations import Operations, check_actor, check_reason
 from engine.registry import Registry
 from engine.remote.dispatch import Dispatcher
+from engine.remote.participant import ParticipantRuntime, ParticipantService
 from engine.settings import Settings
+from engine.signals import Delivered, deliver
 from engine.states import SagaState
-from engine.store import Store, dumps, open_store, retry_on_disconnect
+from engine.store import OperatorRecord, Store, dumps, open_store, retry_on_disconnect
+from engine.store.leader import LeaderLock
+from engine.sweeper.passes import Sweeps
+from engine.sweeper.scheduler import Sweeper
 from engine.transport.commands import CommandBus, bus_from_settings
 from engine.transport.doorbells import InProcessQueue, Transport, ring
-
-if TYPE_CHECKING:
-    from engine.remote.participant import ParticipantRuntime, ParticipantService
-    from engine.signals import Delivered
+from engine.transport.redis_doorbells import RedisStreamsTransport
+from engine.worker import Worker
 
 _MAX_KEY = 200
 
@@ -56,26 +62,55 @@ class SagaEngine:
         bus: CommandBus | None = None,
         clock: Clock = now_ms,
     ) -> None:
-        self.settings = settings or Settings.from_env()
-        self.registry = Registry(sagas)
-        self.store = store or open_store(
-            self.settings.database_url, pool_size=max(self.settings.concurrency, 5)
+        settings = settings or Settings.from_env()
+        self.collaborators = Collaborators(
+            settings=settings,
+            store=store
+            or open_store(settings.database_url, pool_size=max(settings.concurrency, 5)),
+            registry=Registry(sagas),
+            transport=transport or _default_transport(settings),
+            bus=bus or bus_from_settings(settings),
+            clock=clock,
+            owner=settings.worker_id,
         )
-        self.transport = transport or _default_transport(self.settings)
-        #: Carries remote steps' commands and replies (Redis, or this process's queues).
-        self.bus = bus or bus_from_settings(self.settings)
+        c = self.collaborators
+        self.executor = Executor(c, Dispatcher(c.bus, c.clock))
+        self.operations = Operations(c.store, c.registry, c.transport, c.clock)
         self._participants: list[ParticipantRuntime] = []
-        self.clock = clock
-        self.owner = self.settings.worker_id
-        self.executor = Executor(
-            self.store, self.registry, self.owner, clock, lease_ms=self.lease_ms
-        )
-        self.executor.dispatcher = Dispatcher(self.bus, clock)
-        self.operations = Operations(self.store, self.registry, self.transport, clock)
+
+    # The collaborators, by name, for callers of the library.
+
+    @property
+    def settings(self) -> Settings:
+        return self.collaborators.settings
+
+    @property
+    def store(self) -> Store:
+        return self.collaborators.store
+
+    @property
+    def registry(self) -> Registry:
+        return self.collaborators.registry
+
+    @property
+    def transport(self) -> Transport:
+        return self.collaborators.transport
+
+    @property
+    def bus(self) -> CommandBus:
+        return self.collaborators.bus
+
+    @property
+    def clock(self) -> Clock:
+        return self.collaborators.clock
+
+    @property
+    def owner(self) -> str:
+        return self.collaborators.owner
 
     @property
     def lease_ms(self) -> int:
-        return int(self.settings.lease_seconds * 1000)
+        return self.collaborators.lease_ms
 
     def register(self, saga: Saga) -> None:
         self.registry.add(saga)
@@ -100,7 +135,7 @@ class SagaEngine:
             # with the instance, and its command goes out after that commit.
             transition, first = self.executor.plan(transition, defn)
         inst, created = retry_on_disconnect(lambda: self.store.create(transition, self.owner))
-        if created and first is not None and self.executor.dispatcher is not None:
+        if created and first is not None:
             self.executor.dispatcher.send(inst, first.run.index, first.run.phase, defn)
         elif created:
             ring(self.transport, inst.id)
@@ -136,10 +171,21 @@ class SagaEngine:
     def get(self, saga_id: str) -> Instance:
         return self.store.load(saga_id)
 
-    def worker(self, concurrency: int | None = None) -> Any:
-        from engine.worker import Worker
+    def worker(self, concurrency: int | None = None) -> Worker:
+        """A worker on this engine (``start()`` it, ``stop()`` to drain)."""
+        return Worker(self.collaborators, self.executor, concurrency or self.settings.concurrency)
 
-        return Worker(self, concurrency or self.settings.concurrency)
+    def sweeper(self, *, lock: LeaderLock | None = None, clock: Clock | None = None) -> Sweeper:
+        """The sweeps of this engine's store on their schedule, run while this process leads."""
+        return Sweeper(self._timed(clock), lock=lock)
+
+    def sweeps(self, *, clock: Clock | None = None) -> Sweeps:
+        """The sweeps of this engine's store, to run one by one (tests, cron, benchmarks)."""
+        return Sweeps(self._timed(clock))
+
+    def bulk_recovery(self) -> BulkRecovery:
+        """Bulk operator actions over the instances a filter matches (console, ``saga bulk``)."""
+        return BulkRecovery(self.collaborators)
 
     def signal(
         self,
@@ -159,17 +205,12 @@ class SagaEngine:
         like any operator's, in the same transaction. With ``expected_version``,
         an instance that changed since the caller saw it raises ConcurrencyConflict.
         """
-        from engine import interventions
-        from engine.operations import check_actor, check_reason
-        from engine.signals import deliver
-        from engine.store import OperatorRecord
-
         operator = None
         if reason is not None:
             actor, why = check_actor(sent_by), check_reason(reason)
             operator = OperatorRecord(actor, interventions.SIGNAL, why)
         return deliver(
-            self,
+            self.collaborators,
             saga_id,
             event,
             data,
@@ -186,8 +227,6 @@ class SagaEngine:
         With the in-process bus this is how remote steps run without Redis:
         the participants' handlers run as threads of this process.
         """
-        from engine.remote.participant import ParticipantRuntime
-
         runtime = ParticipantRuntime(
             services,
             self.bus,
@@ -206,6 +245,9 @@ class SagaEngine:
         self.transport.close()
         self.bus.close()
         self.store.dispose()
+
+    def _timed(self, clock: Clock | None) -> Collaborators:
+        return self.collaborators if clock is None else self.collaborators.with_clock(clock)
 
     def _new_instance(
         self,
@@ -258,7 +300,5 @@ def _check_key(field: str, value: str | None) -> None:
 
 def _default_transport(settings: Settings) -> Transport:
     if settings.redis_url:
-        from engine.transport.redis_doorbells import RedisStreamsTransport
-
         return RedisStreamsTransport.from_settings(settings)
     return InProcessQueue()

@@ -31,23 +31,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError
-
+from engine.collaborators import Collaborators
 from engine.decide import record_success, signal_problem, waiting_now
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
 from engine.operations import check_version
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
-from engine.store import schema as t
 from engine.transport.doorbells import ring
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +48,6 @@ _MAX_NAME = 200
 #: Tries when a worker changes the instance between our read and our write.
 _CONFLICT_ATTEMPTS = 5
 _ALREADY_STORED = "a signal for that event is already stored; the waiting step takes that one"
-
-
-@dataclass(frozen=True)
-class StoredSignal:
-    """A signal as stored: its data, when it came and who sent it."""
-
-    event: str
-    data: Any
-    received_at: int
-    sent_by: str
 
 
 @dataclass(frozen=True)
@@ -86,43 +69,32 @@ class OpenWait:
     waiting: bool
 
 
-def open_waits(engine: SagaEngine, inst: Instance) -> list[OpenWait]:
+def open_waits(collaborators: Collaborators, inst: Instance) -> list[OpenWait]:
     """The waits of ``inst`` that :func:`deliver` would give a signal to now, in step order."""
-    defn = engine.registry.get(inst.saga_name, inst.saga_version)
-    now = engine.clock()
+    c = collaborators
+    defn = c.registry.get(inst.saga_name, inst.saga_version)
+    now = c.clock()
     return [
         _open_wait(inst, event, index)
         for event, index in _waits(defn).items()
-        if _problem(engine.store, inst, event, index, now) is None
+        if _problem(c.store, inst, event, index, now) is None
     ]
 
 
-def open_wait(engine: SagaEngine, inst: Instance, event: str) -> OpenWait:
+def open_wait(collaborators: Collaborators, inst: Instance, event: str) -> OpenWait:
     """The wait for ``event`` if a signal can be delivered to it now; a dry run of
     :func:`deliver`, which raises the :class:`InvalidTransition` it would raise."""
-    defn = engine.registry.get(inst.saga_name, inst.saga_version)
+    c = collaborators
+    defn = c.registry.get(inst.saga_name, inst.saga_version)
     index = _waiting_step(inst, defn, event)
-    problem = _problem(engine.store, inst, event, index, engine.clock())
+    problem = _problem(c.store, inst, event, index, c.clock())
     if problem is not None:
         raise _refused(inst, event, problem)
     return _open_wait(inst, event, index)
 
 
-def stored_signal(store: Store, saga_id: str, event: str) -> StoredSignal | None:
-    """The signal stored for ``event`` on ``saga_id``, if one came."""
-    s = t.signals.c
-    query = sa.select(s.data, s.received_at, s.sent_by).where(
-        s.saga_id == saga_id, s.event == event
-    )
-    with store.db.connect() as conn:
-        row = conn.execute(query).first()
-    if row is None:
-        return None
-    return StoredSignal(event, row.data, row.received_at, row.sent_by)
-
-
 def deliver(
-    engine: SagaEngine,
+    collaborators: Collaborators,
     saga_id: str,
     event: str,
     data: Any = None,
@@ -149,12 +121,12 @@ def deliver(
     # taken again on an instance it has not seen.
     attempts = 1 if expected_version is not None else _CONFLICT_ATTEMPTS
     delivered = _with_conflict_retries(
-        lambda: retry_on_disconnect(lambda: _deliver_once(engine, saga_id, signal)),
+        lambda: retry_on_disconnect(lambda: _deliver_once(collaborators, saga_id, signal)),
         attempts,
     )
     inst = delivered.instance
     if delivered.taken and inst.state.is_active:
-        ring(engine.transport, inst.id)
+        ring(collaborators.transport, inst.id)
     return delivered
 
 
@@ -181,18 +153,19 @@ def _with_conflict_retries(work: Callable[[], Delivered], attempts: int) -> Deli
     raise AssertionError("unreachable")
 
 
-def _deliver_once(engine: SagaEngine, saga_id: str, signal: _Signal) -> Delivered:
-    now = engine.clock()
+def _deliver_once(c: Collaborators, saga_id: str, signal: _Signal) -> Delivered:
+    now = c.clock()
     event = signal.event
-    with engine.store.transaction() as conn:
-        inst = engine.store.load(saga_id, conn)
+    with c.store.transaction() as conn:
+        inst = c.store.load(saga_id, conn)
         check_version(inst, signal.expected_version)
-        defn = engine.registry.get(inst.saga_name, inst.saga_version)
+        defn = c.registry.get(inst.saga_name, inst.saga_version)
         index = _waiting_step(inst, defn, event)
         problem = signal_problem(inst, index, now)
         if problem is not None:
             raise _refused(inst, event, problem)
-        _insert(conn, inst, signal, now)
+        if not c.store.insert_signal(conn, inst.id, event, signal.data, signal.sent_by, now):
+            raise _refused(inst, event, _ALREADY_STORED)
         taken = waiting_now(inst, index)
         noted = Event(
             EventKind.SIGNAL_RECEIVED,
@@ -204,14 +177,14 @@ def _deliver_once(engine: SagaEngine, saga_id: str, signal: _Signal) -> Delivere
         actor = f"signal:{signal.sent_by}"
         audit = _audit_record(signal, taken)
         if not taken:
-            engine.store.append_events(inst, [noted], actor, now, conn=conn)
+            c.store.append_events(inst, [noted], actor, now, conn=conn)
             if audit is not None:
                 # Nothing changed but the kept signal: the entry names the step that takes it.
                 name = inst.steps[index].name
-                engine.store.append_operator_note(inst, audit, now, conn, step_name=name)
+                c.store.append_operator_note(inst, audit, now, conn, step_name=name)
             return Delivered(inst, taken=False)
         transition = Transition(inst, (noted,)).then(record_success(inst, defn, now, signal.data))
-        saved = engine.store.save(inst, transition, actor, conn=conn, operator=audit)
+        saved = c.store.save(inst, transition, actor, conn=conn, operator=audit)
     return Delivered(saved, taken=True)
 
 
@@ -237,7 +210,7 @@ def _waiting_step(inst: Instance, defn: Saga, event: str) -> int:
 
 def _problem(store: Store, inst: Instance, event: str, index: int, now: int) -> str | None:
     problem = signal_problem(inst, index, now)
-    if problem is None and stored_signal(store, inst.id, event) is not None:
+    if problem is None and store.stored_signal(inst.id, event) is not None:
         return _ALREADY_STORED
     return problem
 
@@ -248,15 +221,6 @@ def _open_wait(inst: Instance, event: str, index: int) -> OpenWait:
 
 def _refused(inst: Instance, event: str, why: str) -> InvalidTransition:
     return InvalidTransition(inst.id, f"deliver the {event!r} signal to", inst.state, why)
-
-
-def _insert(conn: Connection, inst: Instance, signal: _Signal, now: int) -> None:
-    row = {"event": signal.event, "data": signal.data, "sent_by": signal.sent_by}
-    try:
-        with conn.begin_nested():
-            conn.execute(t.signals.insert().values(saga_id=inst.id, received_at=now, **row))
-    except IntegrityError:
-        raise _refused(inst, signal.event, _ALREADY_STORED) from None
 
 
 def _check_name(field: str, value: str) -> str:

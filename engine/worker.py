@@ -12,18 +12,15 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from engine import metrics
+from engine.collaborators import Collaborators
 from engine.errors import SagaNotFound, TransportError
+from engine.executor import Executor
 from engine.remote.replies import ReplyListener
+from engine.store import StoreError
 from engine.sweeper.doorbells import recover
 from engine.transport.doorbells import Delivery
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +28,9 @@ log = logging.getLogger(__name__)
 class Worker:
     """Advances up to ``concurrency`` instances at a time."""
 
-    def __init__(self, engine: SagaEngine, concurrency: int) -> None:
-        self.engine = engine
+    def __init__(self, collaborators: Collaborators, executor: Executor, concurrency: int) -> None:
+        self.collaborators = collaborators
+        self.executor = executor
         self.concurrency = concurrency
         self._slots = threading.BoundedSemaphore(concurrency)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="saga-worker")
@@ -55,7 +53,7 @@ class Worker:
         """Drain and stop; True when every instance in hand was finished in time."""
         self._stopping.set()
         # Each instance in hand stops after its current step, recorded.
-        self.engine.executor.draining.set()
+        self.executor.draining.set()
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()
@@ -63,15 +61,15 @@ class Worker:
 
     def run(self) -> None:
         """Work until :meth:`stop` is called, then drain."""
-        settings = self.engine.settings
+        settings = self.collaborators.settings
         log.info(
             "worker %s started: concurrency %d, polling every %.2fs",
-            self.engine.owner,
+            self.collaborators.owner,
             self.concurrency,
             settings.poll_seconds,
         )
         if not self._stopping.is_set():
-            self.engine.executor.draining.clear()  # a worker started again runs whole sagas
+            self.executor.draining.clear()  # a worker started again runs whole sagas
         self._recover()
         replies = self._listen()
         next_poll = 0.0
@@ -87,13 +85,13 @@ class Worker:
                 if time.monotonic() >= next_poll and not self._stopping.is_set():
                     self._poll_due()
                     next_poll = time.monotonic() + settings.poll_seconds
-            except SQLAlchemyError as exc:
+            except StoreError as exc:
                 # The store is unreachable or dropped our connection (the pool
                 # replaces it). Nothing was half-written: every write is one
                 # transaction. Back off, then claim again from the store.
                 log.warning(
                     "worker %s: store error, retrying in %.1fs: %s",
-                    self.engine.owner,
+                    self.collaborators.owner,
                     settings.poll_seconds,
                     exc,
                 )
@@ -106,43 +104,43 @@ class Worker:
         free = self._free_slots()
         if free == 0:
             return
-        store, eng = self.engine.store, self.engine
-        known = [(saga.name, saga.version) for saga in eng.registry]
-        for saga_id in store.claim_due(eng.owner, eng.lease_ms, eng.clock(), free, known):
+        c = self.collaborators
+        known = [(saga.name, saga.version) for saga in c.registry]
+        for saga_id in c.store.claim_due(c.owner, c.lease_ms, c.clock(), free, known):
             self._submit(saga_id)
 
     def _recover(self) -> None:
         try:
-            recover(self.engine)
+            recover(self.collaborators)
         except TransportError as exc:
-            log.warning("worker %s: start-up recovery stopped: %s", self.engine.owner, exc)
+            log.warning("worker %s: start-up recovery stopped: %s", self.collaborators.owner, exc)
 
     def _receive(self, free: int, wait: float) -> list[Delivery]:
         try:
-            deliveries = self.engine.transport.receive(free, wait)
+            deliveries = self.collaborators.transport.receive(free, wait)
         except TransportError as exc:
             if not self._transport_down:
-                log.warning("worker %s: %s", self.engine.owner, exc)
+                log.warning("worker %s: %s", self.collaborators.owner, exc)
             self._transport_down = True
             self._stopping.wait(wait)  # the store poll keeps work moving meanwhile
             return []
         if self._transport_down:
-            log.info("worker %s: the transport is reachable again", self.engine.owner)
+            log.info("worker %s: the transport is reachable again", self.collaborators.owner)
             self._transport_down = False
         return deliveries
 
     def _claim_and_submit(self, delivery: Delivery) -> None:
-        eng, saga_id = self.engine, delivery.saga_id
+        c, saga_id = self.collaborators, delivery.saga_id
         if self._stopping.is_set():
             return  # draining: no new work; unacknowledged, it goes to another worker
-        if eng.store.claim(saga_id, eng.owner, eng.lease_ms, eng.clock()) is not None:
+        if c.store.claim(saga_id, c.owner, c.lease_ms, c.clock()) is not None:
             self._submit(saga_id, delivery)
         else:  # finished, unknown, or leased (by us or another worker): nothing to do
             self._ack(delivery)
 
     def _ack(self, delivery: Delivery) -> None:
         try:
-            self.engine.transport.ack([delivery])
+            self.collaborators.transport.ack([delivery])
         except TransportError as exc:
             # It stays pending; a live worker takes it over later and finds nothing to do.
             log.warning("saga %s: could not acknowledge its doorbell: %s", delivery.saga_id, exc)
@@ -153,8 +151,8 @@ class Worker:
 
     def _advance(self, saga_id: str, delivery: Delivery | None = None) -> None:
         try:
-            inst = self.engine.store.load(saga_id)
-            self.engine.executor.advance(inst)
+            inst = self.collaborators.store.load(saga_id)
+            self.executor.advance(inst)
             self.advanced += 1
         except SagaNotFound:
             log.warning("saga %s vanished while leased (purged?)", saga_id)
@@ -179,11 +177,11 @@ class Worker:
 
     def _listen(self) -> ReplyListener | None:
         """Read participants' replies in a thread, when some saga has remote steps."""
-        if not any(step.remote for saga in self.engine.registry for step in saga.steps):
+        if not any(step.remote for saga in self.collaborators.registry for step in saga.steps):
             return None
-        return ReplyListener(self.engine).start()
+        return ReplyListener(self.collaborators).start()
 
     def _drain(self) -> None:
-        log.info("worker %s draining", self.engine.owner)
+        log.info("worker %s draining", self.collaborators.owner)
         self._pool.shutdown(wait=True)
-        log.info("worker %s stopped", self.engine.owner)
+        log.info("worker %s stopped", self.collaborators.owner)

@@ -34,7 +34,6 @@ from engine import (
     StepKind,
 )
 from engine.bulk.model import MIN_SAMPLE, BulkFilter, BulkStatus, ItemOutcome, SelectionChanged
-from engine.bulk.recovery import BulkRecovery
 from engine.bulk.runner import RateLimiter
 from engine.cli import main
 from engine.model import Instance
@@ -149,7 +148,7 @@ def test_a_dry_run_counts_and_samples_and_changes_nothing(
 ) -> None:
     ids = stranded(engine, 3)
     engine.run("parcel", {"amount": 1}, business_key="fine")
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     before = row_counts(store_url)
 
     dry = bulk.dry_run(Action.RETRY, failed_parcels())
@@ -167,7 +166,7 @@ def test_the_filter_narrows_by_step_error_text_and_time(engine: SagaEngine) -> N
     time.sleep(0.01)
     late = stranded(engine, 1)
     jammed = engine.run("gift", {}, business_key="G-1")
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
 
     def matched(**kw: Any) -> list[str]:
         return [s.saga_id for s in bulk.dry_run(Action.RETRY, BulkFilter(**kw)).sample]
@@ -191,7 +190,7 @@ def test_confirming_a_count_the_filter_no_longer_matches_writes_nothing(
     engine: SagaEngine, store_url: str
 ) -> None:
     stranded(engine, 2)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     seen = bulk.dry_run(Action.RETRY, failed_parcels()).count
     stranded(engine, 1)  # another dead letter arrives meanwhile
     before = row_counts(store_url)
@@ -209,7 +208,7 @@ def test_a_bulk_retry_recovers_every_instance_and_the_report_is_complete(
     engine: SagaEngine, engines: Engines
 ) -> None:
     ids = stranded(engine, 4)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(
         Action.RETRY,
         failed_parcels(),
@@ -241,7 +240,7 @@ def test_an_instance_that_changed_since_the_snapshot_is_skipped_and_noted(
     engine: SagaEngine,
 ) -> None:
     first, moved = stranded(engine, 2)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(
         Action.CANCEL, failed_parcels(), actor="ann", reason="give up", expected_count=2
     )
@@ -263,7 +262,7 @@ def test_an_instance_that_changed_since_the_snapshot_is_skipped_and_noted(
 
 def test_the_rate_limit_spaces_items_on_the_runners_clock(engine: SagaEngine) -> None:
     stranded(engine, 25)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     rate = 10.0
     op = bulk.create(
         Action.CANCEL,
@@ -307,11 +306,11 @@ def test_stop_from_another_process_takes_effect_before_the_next_item(
     engine: SagaEngine, engines: Engines
 ) -> None:
     stranded(engine, 12)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(
         Action.CANCEL, failed_parcels(), actor="ann", reason="r", expected_count=12, batch_size=5
     )
-    elsewhere = BulkRecovery(engines(parcel, gift, worker_id="other-console"))
+    elsewhere = engines(parcel, gift, worker_id="other-console").bulk_recovery()
     clock = FakeClock()
     # While the runner waits for the slot of its 5th item, someone elsewhere clicks Stop.
     clock.on_sleep = lambda n: elsewhere.stop(op.id, "bob") if n == 4 else None
@@ -331,7 +330,7 @@ def test_errors_past_the_failure_threshold_halt_the_run(
 ) -> None:
     stranded(engine, 12, saga="gift")  # this console has no definition of gift: errors
     stranded(engine, 8)
-    only_parcels = BulkRecovery(engines(parcel, worker_id="parcel-console"))
+    only_parcels = engines(parcel, worker_id="parcel-console").bulk_recovery()
     op = only_parcels.create(
         Action.CANCEL,
         BulkFilter(state=SagaState.FAILED),
@@ -357,7 +356,7 @@ def test_retries_that_fail_again_count_as_failures_and_halt_the_run(
 ) -> None:
     ids = stranded(engine, 15)  # the carrier is still down: every retry fails again
     engines.worker(engine)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(
         Action.RETRY,
         failed_parcels(),
@@ -393,7 +392,7 @@ def test_an_interrupted_run_can_be_resumed_by_another_process_but_a_live_one_can
     engine: SagaEngine,
 ) -> None:
     stranded(engine, 3)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(Action.CANCEL, failed_parcels(), actor="ann", reason="r", expected_count=3)
     now = engine.clock()
     first = bulk.store.claim(op.id, "console-a", now)
@@ -406,7 +405,7 @@ def test_an_interrupted_run_can_be_resumed_by_another_process_but_a_live_one_can
     done = bulk.runner(now=lambda: later + 10, sleep=lambda s: None).run(op.id)
     assert done.status is BulkStatus.RUNNING  # console-b holds it; this runner did not take it
 
-    resumed = BulkRecovery(engine).store
+    resumed = engine.bulk_recovery().store
     resumed.release(op.id, "console-b", "console-b died")
     finished = bulk.runner(sleep=lambda s: None).run(op.id)
     assert finished.status is BulkStatus.COMPLETED and finished.processed == 3
@@ -414,7 +413,7 @@ def test_an_interrupted_run_can_be_resumed_by_another_process_but_a_live_one_can
 
 def test_stopping_an_interrupted_run_ends_it_at_once(engine: SagaEngine) -> None:
     stranded(engine, 2)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(Action.CANCEL, failed_parcels(), actor="ann", reason="r", expected_count=2)
     assert bulk.store.claim(op.id, "console-a", engine.clock())
     bulk.store.release(op.id, "console-a", "console-a failed")  # nobody runs it now
@@ -430,7 +429,7 @@ def test_bad_settings_are_refused_before_anything_is_written(
     engine: SagaEngine, store_url: str
 ) -> None:
     stranded(engine, 1)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     before = row_counts(store_url)
     for bad in (
         {"reason": " "},
@@ -637,11 +636,11 @@ def _instances(engine: SagaEngine) -> list[Instance]:
 
 def test_bulk_report_survives_a_new_engine(engine: SagaEngine, engines: Engines) -> None:
     stranded(engine, 2)
-    bulk = BulkRecovery(engine)
+    bulk = engine.bulk_recovery()
     op = bulk.create(Action.CANCEL, failed_parcels(), actor="ann", reason="r", expected_count=2)
     bulk.runner(sleep=lambda s: None).run(op.id)
 
-    fresh = BulkRecovery(engines(parcel, worker_id="restarted"))
+    fresh = engines(parcel, worker_id="restarted").bulk_recovery()
 
     again = fresh.get(op.id)
     assert again.status is BulkStatus.COMPLETED and again.processed == 2

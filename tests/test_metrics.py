@@ -39,7 +39,6 @@ from engine import (
 )
 from engine.metrics import Samples, StoreCollector, total
 from engine.store import schema as t
-from engine.sweeper.passes import Sweeps
 from tests.conftest import IN_CI
 from tests.helpers.sweeps import World, saga, wait_for_line
 
@@ -98,7 +97,7 @@ def test_exported_values_equal_the_store_after_a_scripted_run(world: World) -> N
     ids = [engine.run("m_shop", payload).id for payload in script]
     waiting = engine.start("m_shop", {}).id  # never picked up
     world.clock.advance(minutes=20)
-    Sweeps(engine).stuck()  # flags the waiting one
+    engine.sweeps().stuck()  # flags the waiting one
 
     after = scrape(engine)
 
@@ -213,7 +212,7 @@ def test_sweeps_report_their_durations(world: World) -> None:
     engine = world.engine(saga("m_swept"))
     before = scrape(engine)
 
-    Sweeps(engine).run_all()
+    engine.sweeps().run_all()
 
     after = scrape(engine)
     for sweep in ("dispatch", "stuck", "dead_letters", "retention"):

@@ -128,7 +128,7 @@ def test_recover_rings_for_due_instances_with_a_free_lease(
         assert backing_off.next_run_at is not None and backing_off.next_run_at > now
         queue.receive(100, 0)  # drop the doorbells start() rang
 
-        assert recover(engine) == 2
+        assert recover(engine.collaborators) == 2
         assert sorted(d.saga_id for d in queue.receive(100, 0)) == sorted([due, expired])
     finally:
         engine.close()
@@ -144,9 +144,11 @@ def test_recover_pages_through_every_due_instance(store_url: str, participant: P
     try:
         started = sorted(engine.start("travel", {}).id for _ in range(7))
         queue.receive(100, 0)
-        assert recover(engine, batch=3) == 7
+        assert recover(engine.collaborators, batch=3) == 7
         assert sorted(d.saga_id for d in queue.receive(100, 0)) == started
-        assert recover(engine, batch=3) == 7  # idempotent: nothing was claimed meanwhile
+        assert (
+            recover(engine.collaborators, batch=3) == 7
+        )  # idempotent: nothing was claimed meanwhile
     finally:
         engine.close()
 

@@ -316,7 +316,9 @@ def test_a_batch_of_replies_is_recorded_in_one_go(
     assert sorted(c.saga_id for c in commands) == sorted(ids)
     replies = [Reply.to(c, Outcome.SUCCESS, output={"n": n}) for n, c in enumerate(commands)]
 
-    handled = ReplyHandler(engine).handle_batch([*replies, replies[0]])  # one repeated
+    handled = ReplyHandler(engine.collaborators).handle_batch(
+        [*replies, replies[0]]
+    )  # one repeated
 
     assert handled == [Handled.RECORDED] * 3 + [Handled.DISCARDED]
     for n, command in enumerate(commands):
@@ -508,7 +510,7 @@ def test_a_reply_the_store_could_not_keep_is_set_aside(
     with pytest.raises(BadMessage, match=problem):
         Reply.from_fields(raw)
 
-    listener = ReplyListener(engine).start()
+    listener = ReplyListener(engine.collaborators).start()
     bus.send(bus.replies_stream, fields)
     wait_for(lambda: len(bus.poisoned) == 1)  # type: ignore[attr-defined]
     listener.stop()
@@ -541,7 +543,7 @@ def test_a_reply_the_store_refuses_does_not_hold_up_the_batch(embedded: Deployme
             bus.send(
                 bus.replies_stream, Reply.to(command, Outcome.SUCCESS, output=output).to_fields()
             )
-        listener = ReplyListener(engine).start()
+        listener = ReplyListener(engine.collaborators).start()
         wait_for(lambda: len(bus.poisoned) == 1)  # type: ignore[attr-defined]
         for saga_id in ids:
             if saga_id != pill:

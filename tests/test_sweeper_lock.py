@@ -25,7 +25,6 @@ from engine import SagaEngine
 from engine.queries import Queries
 from engine.store.leader import PostgresLock
 from engine.sweeper.passes import SWEEPER
-from engine.sweeper.scheduler import Sweeper
 from tests.helpers.sweeps import World, begun_by_a_dead_worker, saga, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +60,7 @@ def sweeper_events(engine: SagaEngine, saga_ids: list[str]) -> list[str]:
 def test_two_sweepers_at_once_act_once(world: World) -> None:
     engine, saga_ids = work_for_a_sweeper(world)
     # Two engines: each sweeper has its own connections, as two hosts would.
-    sweepers = [Sweeper(world.engine(saga("trip", stuck_grace=timedelta(0)))) for _ in range(2)]
+    sweepers = [world.engine(saga("trip", stuck_grace=timedelta(0))).sweeper() for _ in range(2)]
     start = threading.Barrier(2)
     results: list[Any] = [None, None]
 
@@ -99,7 +98,7 @@ def test_a_sweeper_process_holds_the_lead_until_it_stops(world: World) -> None:
         "SAGA_WORKER_ID": "sweeper-process",
         "SAGA_SWEEP_DISPATCH_SECONDS": "0.2",
     }
-    standby = Sweeper(world.engine())
+    standby = world.engine().sweeper()
     with subprocess.Popen(
         [SAGA, "sweeper"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     ) as process:
@@ -124,7 +123,7 @@ def test_a_leader_whose_connection_dies_is_replaced(pg_url: str) -> None:
     empty_tables(pg_url)
     world = World(pg_url)
     try:
-        leader, standby = Sweeper(world.engine()), Sweeper(world.engine())
+        leader, standby = world.engine().sweeper(), world.engine().sweeper()
         assert leader.run_once() is not None
         assert standby.run_once() is None
 

@@ -21,7 +21,7 @@ from engine.model import Instance, idempotency_key
 from engine.queries import InstanceFilter, Queries
 from engine.states import Phase, StepStatus
 from engine.store import schema as t
-from engine.sweeper.passes import SWEEPER, Sweeps
+from engine.sweeper.passes import SWEEPER
 from tests.helpers.sweeps import REFUND_FAILS, World, begun_by_a_dead_worker, saga, step, undo
 
 
@@ -66,7 +66,7 @@ def test_an_attempt_past_its_deadline_whose_worker_died_is_timed_out_and_nothing
     others = [live, done, unclaimed, fresh]
     before = versions(engine, *others)
 
-    counts = Sweeps(engine).dispatch()
+    counts = engine.sweeps().dispatch()
 
     assert counts == {"settled": 1, "leases_cleared": 0, "rung": 2}
     timed_out = engine.get(dead)
@@ -76,7 +76,7 @@ def test_an_attempt_past_its_deadline_whose_worker_died_is_timed_out_and_nothing
     assert world.bells.take() == sorted([dead, unclaimed])
     assert versions(engine, *others) == before
 
-    again = Sweeps(engine).dispatch()
+    again = engine.sweeps().dispatch()
 
     assert again == {"settled": 0, "leases_cleared": 0, "rung": 1}  # still nobody claimed it
     assert world.bells.take() == [unclaimed]
@@ -90,12 +90,12 @@ def test_an_expired_lease_before_the_deadline_is_an_abandoned_attempt(world: Wor
     begun_by_a_dead_worker(engine, saga_id, lease=timedelta(seconds=10))
     world.clock.advance(seconds=11)
 
-    assert Sweeps(engine).dispatch()["settled"] == 1
+    assert engine.sweeps().dispatch()["settled"] == 1
 
     inst = engine.get(saga_id)
     assert events(engine, saga_id)[-1] == ("attempt_abandoned", SWEEPER)
     assert inst.steps[0].attempts == 1 and inst.steps[0].status is StepStatus.PENDING
-    assert Sweeps(engine).dispatch()["settled"] == 0
+    assert engine.sweeps().dispatch()["settled"] == 0
 
 
 def test_an_expired_lease_with_nothing_in_flight_is_cleared_and_rung(world: World) -> None:
@@ -106,7 +106,7 @@ def test_an_expired_lease_with_nothing_in_flight_is_cleared_and_rung(world: Worl
     world.clock.advance(seconds=11)
     world.bells.take()
 
-    counts = Sweeps(engine).dispatch()
+    counts = engine.sweeps().dispatch()
 
     assert counts == {"settled": 0, "leases_cleared": 1, "rung": 1}
     assert engine.get(saga_id).lease_owner is None
@@ -123,7 +123,7 @@ def test_a_saga_the_sweeper_does_not_know_is_rung_but_not_settled(world: World) 
     before = engine.get(saga_id).version
     world.bells.take()
 
-    assert Sweeps(stranger).dispatch() == {"settled": 0, "leases_cleared": 0, "rung": 1}
+    assert stranger.sweeps().dispatch() == {"settled": 0, "leases_cleared": 0, "rung": 1}
     assert engine.get(saga_id).version == before  # left for a worker that knows it
 
 
@@ -150,7 +150,7 @@ def test_no_progress_past_expected_duration_plus_grace_is_flagged_once(world: Wo
     others = [at_c, done, failed, elsewhere]
     before = versions(engine, stuck, *others)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
+    assert engine.sweeps().stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
 
     assert versions(engine, stuck, *others) == before  # a finding, not a transition
     queries = Queries(engine.store)
@@ -164,7 +164,7 @@ def test_no_progress_past_expected_duration_plus_grace_is_flagged_once(world: Wo
     assert engine.store.live_counts().stuck == {"slow": 1, "other": 0}
 
     world.clock.advance(minutes=1)
-    assert Sweeps(engine).stuck()["flagged"] == 0
+    assert engine.sweeps().stuck()["flagged"] == 0
     assert events(engine, stuck).count(("stuck_detected", SWEEPER)) == 1
 
 
@@ -172,7 +172,7 @@ def test_progress_clears_the_flag(world: World) -> None:
     engine = world.engine(saga("slow", stuck_grace=timedelta(0)))
     saga_id = engine.start("slow", {}).id
     world.clock.advance(minutes=11)
-    Sweeps(engine).stuck()
+    engine.sweeps().stuck()
     assert Queries(engine.store).stuck_since(saga_id) is not None
 
     engine.operations.retry(saga_id, actor="ann", reason="nudge it")
@@ -180,8 +180,8 @@ def test_progress_clears_the_flag(world: World) -> None:
     assert Queries(engine.store).stuck_since(saga_id) is None
     assert engine.store.live_counts().stuck == {"slow": 0}
     world.clock.advance(seconds=30)
-    assert Sweeps(engine).stuck()["cleared"] == 1  # the next pass notes it, once
-    assert Sweeps(engine).stuck()["cleared"] == 0
+    assert engine.sweeps().stuck()["cleared"] == 1  # the next pass notes it, once
+    assert engine.sweeps().stuck()["cleared"] == 0
     kinds = [e.kind for e in Queries(engine.store).timeline(saga_id)]
     assert kinds[kinds.index("stuck_detected") :] == [
         "stuck_detected",
@@ -201,7 +201,7 @@ def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World
     world.clock.advance(minutes=12)
     world.bells.take()
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 1, "compensated": 0, "cleared": 1}
+    assert engine.sweeps().stuck() == {"flagged": 1, "retried": 1, "compensated": 0, "cleared": 1}
 
     [(actor, action, reason)] = audit(engine, saga_id)
     assert (actor, action) == (SWEEPER, "retry")
@@ -214,7 +214,7 @@ def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World
     ]
 
     world.clock.advance(minutes=12)  # the retry did not help: flagged again, not retried again
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
+    assert engine.sweeps().stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
     assert len(audit(engine, saga_id)) == 1
     assert Queries(engine.store).stuck_since(saga_id) == world.clock.now
 
@@ -226,12 +226,12 @@ def test_the_compensate_policy_force_compensates(world: World) -> None:
     saga_id = engine.run("undone", {"fail": ["b"]}).id  # a succeeded, b waits an hour
     world.clock.advance(minutes=11, seconds=1)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 1, "cleared": 1}
+    assert engine.sweeps().stuck() == {"flagged": 1, "retried": 0, "compensated": 1, "cleared": 1}
 
     inst = engine.get(saga_id)
     assert inst.state is SagaState.COMPENSATING and inst.phase is Phase.COMPENSATE
     assert [(a, act) for a, act, _ in audit(engine, saga_id)] == [(SWEEPER, "compensate")]
-    assert Sweeps(engine).stuck()["flagged"] == 0  # compensating is progress
+    assert engine.sweeps().stuck()["flagged"] == 0  # compensating is progress
 
 
 def test_a_policy_the_state_refuses_leaves_the_flag_for_a_person(world: World) -> None:
@@ -242,7 +242,7 @@ def test_a_policy_the_state_refuses_leaves_the_flag_for_a_person(world: World) -
     begun_by_a_dead_worker(engine, saga_id, lease=timedelta(hours=1))
     world.clock.advance(minutes=30)
 
-    assert Sweeps(engine).stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
+    assert engine.sweeps().stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
     assert audit(engine, saga_id) == []
     assert Queries(engine.store).stuck_since(saga_id) == world.clock.now
 
@@ -277,7 +277,7 @@ def test_dead_letters_are_retried_automatically_with_backoff_up_to_the_limit(
     engine = world.engine(saga("refund", dead_letter_retry=policy), saga("manual"))
     saga_id = engine.run("refund", REFUND_FAILS).id
     manual = engine.run("manual", REFUND_FAILS).id
-    sweeps = Sweeps(engine)
+    sweeps = engine.sweeps()
 
     assert sweeps.dead_letters() == {"planned": 2, "retried": 0, "dropped": 0}
     [first] = dead_letters(engine, saga_id)
@@ -320,11 +320,11 @@ def test_an_automatic_retry_is_dropped_when_its_policy_went_away(world: World) -
     policy = Retry(max_attempts=3, initial_delay=timedelta(minutes=1), jitter=0.0)
     engine = world.engine(saga("refund", dead_letter_retry=policy))
     saga_id = engine.run("refund", REFUND_FAILS).id
-    Sweeps(engine).dead_letters()
+    engine.sweeps().dead_letters()
     world.clock.advance(minutes=2)
     redeployed = world.engine(saga("refund"))  # the same saga, now without the policy
 
-    assert Sweeps(redeployed).dead_letters() == {"planned": 0, "retried": 0, "dropped": 1}
+    assert redeployed.sweeps().dead_letters() == {"planned": 0, "retried": 0, "dropped": 1}
     assert engine.get(saga_id).state is SagaState.FAILED
     [letter] = dead_letters(engine, saga_id)
     assert (letter.auto_retry_at, letter.resolved_at) == (None, None)
@@ -356,7 +356,7 @@ def test_retention_purges_old_finished_instances_and_keeps_the_audit_log(world: 
     kept = [old_running, old_failed, recent]
     purged = [*old_done, old_compensated, old_cancelled]
 
-    sweeps = Sweeps(engine)
+    sweeps = engine.sweeps()
     passes = [sweeps.retention()["purged"] for _ in range(5)]  # batches of 2
     assert passes[0] >= 2 and sum(passes) == 5 and passes[-1] == 0
 
@@ -391,7 +391,7 @@ def test_retention_purges_the_idempotency_keys_of_the_purged_steps(world: World)
             guard.run_once(key, lambda conn: "booked")
     guard.run_once("order-7:charge", lambda conn: "charged")  # a key of the service's own
 
-    assert Sweeps(engine).retention()["purged"] == 1
+    assert engine.sweeps().retention()["purged"] == 1
 
     with engine.store.db.connect() as c:
         left = set(c.execute(sa.select(t.idempotency_keys.c.key)).scalars())
@@ -414,7 +414,7 @@ def test_retention_is_off_unless_configured(world: World) -> None:
     saga_id = engine.run("trip", {}).id
     world.clock.advance(days=3650)
 
-    assert Sweeps(engine).retention() == {"purged": 0}
+    assert engine.sweeps().retention() == {"purged": 0}
     assert engine.get(saga_id).state is SagaState.COMPLETED
 
 
@@ -428,12 +428,12 @@ def test_a_full_pass_twice_in_a_row_is_harmless(world: World) -> None:
     engine.start("mixed", {})
     begun_by_a_dead_worker(engine, engine.start("mixed", {}).id, timedelta(seconds=10))
     world.clock.advance(days=2)
-    first = Sweeps(engine).run_all()
+    first = engine.sweeps().run_all()
     assert sum(n for counts in first.values() for n in counts.values()) > 0
     with engine.store.db.connect() as c:
         snapshot = [c.execute(sa.select(table)).all() for table in t.metadata.sorted_tables]
 
-    Sweeps(engine).run_all()
+    engine.sweeps().run_all()
 
     with engine.store.db.connect() as c:
         after = [c.execute(sa.select(table)).all() for table in t.metadata.sorted_tables]

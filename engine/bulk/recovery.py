@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine import interventions
 from engine.bulk.model import (
@@ -53,6 +53,7 @@ from engine.bulk.model import (
     SampleItem,
 )
 from engine.bulk.runner import BulkRunner
+from engine.collaborators import Collaborators
 from engine.errors import (
     InvalidInput,
     InvalidTransition,
@@ -61,10 +62,8 @@ from engine.errors import (
 )
 from engine.interventions import Action
 from engine.model import new_id
+from engine.operations import Operations
 from engine.store.bulk import BulkStore
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,14 @@ log = logging.getLogger(__name__)
 class BulkRecovery:
     """Dry runs, creating, running, stopping and reading bulk operations on one engine."""
 
-    def __init__(self, engine: SagaEngine) -> None:
-        self.engine = engine
-        self.store = BulkStore(engine.store.db)
+    def __init__(self, collaborators: Collaborators) -> None:
+        c = collaborators
+        self.instances = c.store
+        self.registry = c.registry
+        self.clock = c.clock
+        self.owner = c.owner
+        self.operations = Operations(c.store, c.registry, c.transport, c.clock)
+        self.store = BulkStore(c.store.db)
 
     def dry_run(self, action: Action, flt: BulkFilter, sample_size: int = SAMPLE_SIZE) -> DryRun:
         """How many instances ``flt`` matches, and the first ``sample_size``; writes nothing."""
@@ -102,7 +106,7 @@ class BulkRecovery:
         _check(action, reason, actor, batch_size, rate_per_second, max_failure_rate)
         if expected_count < 1:
             raise InvalidInput("expected count", "the dry run matched no instances: nothing to do")
-        now = self.engine.clock()
+        now = self.clock()
         operation_id = new_id(now)
         op = {
             "id": operation_id,
@@ -124,8 +128,8 @@ class BulkRecovery:
 
     def runner(self, **clocks: Any) -> BulkRunner:
         """A runner with an id of its own (host, process, and a random part)."""
-        runner_id = f"{self.engine.owner}:bulk:{uuid.uuid4().hex[:8]}"
-        return BulkRunner(self.store, self.engine.operations, runner_id, **clocks)
+        runner_id = f"{self.owner}:bulk:{uuid.uuid4().hex[:8]}"
+        return BulkRunner(self.store, self.operations, runner_id, **clocks)
 
     def run(self, operation_id: str) -> BulkOperation:
         """Run (or resume) the operation in this thread until it ends."""
@@ -144,7 +148,7 @@ class BulkRecovery:
 
     def stop(self, operation_id: str, by: str) -> BulkOperation:
         """Ask the runner to stop before its next item; an interrupted one stops at once."""
-        now = self.engine.clock()
+        now = self.clock()
         op = self.store.get(operation_id)
         if not op.is_running:
             raise InvalidTransition(
@@ -189,9 +193,9 @@ class BulkRecovery:
 
     def _applies(self, action: Action, saga_id: str) -> tuple[bool | None, str | None]:
         try:
-            inst = self.engine.store.load(saga_id)
-            defn = self.engine.registry.get(inst.saga_name, inst.saga_version)
-            interventions.apply(action, inst, defn, self.engine.clock())
+            inst = self.instances.load(saga_id)
+            defn = self.registry.get(inst.saga_name, inst.saga_version)
+            interventions.apply(action, inst, defn, self.clock())
         except SagaNotFound:
             return False, "it no longer exists"
         except UnknownSaga:

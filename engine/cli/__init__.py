@@ -413,10 +413,7 @@ def sweeper(cli: Cli, metrics_port: int | None, once: bool) -> None:
 
 
 def _sweeper(engine: SagaEngine) -> Sweeper:
-    # Imported here: APScheduler loads only for the commands that sweep.
-    from engine.sweeper.scheduler import Sweeper
-
-    return Sweeper(engine)
+    return engine.sweeper()
 
 
 def _serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
@@ -1087,9 +1084,7 @@ def _parse_time(text: str | None, option: str) -> int | None:
 @pass_cli
 def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> None:
     """Count and sample the instances ACTION would touch; changes nothing."""
-    from engine.bulk.recovery import BulkRecovery
-
-    dry = BulkRecovery(cli.engine()).dry_run(Action(action), _bulk_filter(options))
+    dry = cli.engine().bulk_recovery().dry_run(Action(action), _bulk_filter(options))
     if as_json:
         _print_json(dry.to_json())
         return
@@ -1161,10 +1156,8 @@ def bulk_run(
     **options: Any,
 ) -> None:
     """Apply ACTION to every instance the filter matches, in the foreground (Ctrl-C stops)."""
-    from engine.bulk.recovery import BulkRecovery
-
     engine = cli.engine()
-    recovery, flt = BulkRecovery(engine), _bulk_filter(options)
+    recovery, flt = engine.bulk_recovery(), _bulk_filter(options)
     if expected is None:
         dry = recovery.dry_run(Action(action), flt)
         _render_dry_run(dry)
@@ -1215,9 +1208,7 @@ def _tally(op: Any) -> str:
 @pass_cli
 def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
     """Stop a running bulk operation before its next item (from any host)."""
-    from engine.bulk.recovery import BulkRecovery
-
-    op = BulkRecovery(cli.engine()).stop(operation_id, actor)
+    op = cli.engine().bulk_recovery().stop(operation_id, actor)
     click.echo(f"bulk operation {op.id}: stop requested by {actor}; it is {op.status}")
 
 

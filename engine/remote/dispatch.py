@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
+from engine.collaborators import Collaborators
 from engine.definition import Saga
 from engine.errors import TransportError
 from engine.model import Instance, idempotency_key
+from engine.registry import Registry
 from engine.remote.messages import Command
-from engine.states import ACTIVE_STATES, CompensationStatus, Phase, StepStatus
-from engine.store import schema as t
+from engine.states import CompensationStatus, Phase, StepStatus
 from engine.transport.commands import WORKERS, CommandBus
 from engine.transport.streams import Entry
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +99,24 @@ def command_for(inst: Instance, index: int, phase: Phase, defn: Saga, now: int) 
     )
 
 
-def resend_in_flight(engine: SagaEngine, *, batch: int = 500) -> int:
+def resend_in_flight(collaborators: Collaborators, *, batch: int = 500) -> int:
     """Send again the command of every remote attempt in flight before its deadline.
 
     For when the command streams lost their entries (Redis flushed or
     restarted empty). Returns how many were sent.
     """
-    remote = _remote_sagas(engine)
+    c = collaborators
+    remote = _remote_sagas(c.registry)
     if not remote:
         return 0
-    now = engine.clock()
-    dispatcher = Dispatcher(engine.bus, engine.clock)
-    ids = _waiting_ids(engine, now, remote, batch)
+    now = c.clock()
+    dispatcher = Dispatcher(c.bus, c.clock)
+    ids = c.store.remote_attempts_in_flight(now, remote, batch)
     sent = 0
     for first in range(0, len(ids), batch):
         attempts = []
-        for inst in engine.store.load_many(ids[first : first + batch]).values():
-            defn = engine.registry.get(inst.saga_name, inst.saga_version)
+        for inst in c.store.load_many(ids[first : first + batch]).values():
+            defn = c.registry.get(inst.saga_name, inst.saga_version)
             flight = in_flight_remote(inst, defn, now)
             if flight is not None:
                 attempts.append((inst, flight[0], flight[1], defn))
@@ -147,30 +143,5 @@ def in_flight_remote(inst: Instance, defn: Saga, now: int) -> tuple[int, Phase] 
     return None
 
 
-def _remote_sagas(engine: SagaEngine) -> list[tuple[str, int]]:
-    return [(s.name, s.version) for s in engine.registry if any(st.remote for st in s.steps)]
-
-
-def _waiting_ids(
-    engine: SagaEngine, now: int, sagas: list[tuple[str, int]], batch: int
-) -> list[str]:
-    # An attempt in flight makes its deadline the instance's next_run_at, so
-    # they are among the active instances due later, along the due index.
-    i, s = t.instances.c, t.steps.c
-    running = str(StepStatus.RUNNING)
-    query = (
-        sa.select(i.id)
-        .join(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
-        .where(
-            i.state.in_([a.value for a in ACTIVE_STATES]),
-            i.next_run_at > now,
-            sa.tuple_(i.saga_name, i.saga_version).in_(sagas),
-            sa.or_(s.status == running, s.comp_status == str(CompensationStatus.RUNNING)),
-        )
-        .order_by(i.next_run_at)
-    )
-    ids: list[str] = []
-    with engine.store.db.connect() as conn:
-        for partition in conn.execution_options(yield_per=batch).execute(query).partitions():
-            ids.extend(row.id for row in partition)
-    return ids
+def _remote_sagas(registry: Registry) -> list[tuple[str, int]]:
+    return [(s.name, s.version) for s in registry if any(st.remote for st in s.steps)]

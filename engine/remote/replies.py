@@ -36,12 +36,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import metrics
+from engine.collaborators import Collaborators
 from engine.decide import Run, begin_attempt, decide, record_failure, record_success, reply_problem
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, TransportError, UnknownSaga
@@ -53,9 +54,6 @@ from engine.store import refused_for_its_data, retry_on_disconnect
 from engine.transport.commands import WORKERS, read_wait
 from engine.transport.doorbells import ring
 from engine.transport.streams import Entry
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +84,9 @@ class ReplyHandler:
     #: How often a reply is recorded again after the instance changed under it.
     CONFLICT_RETRIES = 5
 
-    def __init__(self, engine: SagaEngine) -> None:
-        self.engine = engine
-        self.dispatcher = Dispatcher(engine.bus, engine.clock)
+    def __init__(self, collaborators: Collaborators) -> None:
+        self.collaborators = collaborators
+        self.dispatcher = Dispatcher(collaborators.bus, collaborators.clock)
 
     def handle(self, reply: Reply) -> Handled:
         """Record ``reply`` if it is for the attempt in flight (see :meth:`handle_batch`)."""
@@ -121,13 +119,13 @@ class ReplyHandler:
         return Handled.DISCARDED
 
     def _record_all(self, replies: Sequence[Reply], acks: Sequence[Entry]) -> list[Handled]:
-        eng = self.engine
+        c = self.collaborators
         results: list[Handled] = []
         changes: list[tuple[Instance, Transition]] = []
         later: list[tuple[Run | None, Saga]] = []
-        with eng.store.transaction() as conn:
-            current = eng.store.load_many({r.saga_id for r in replies}, conn)
-            now = eng.clock()
+        with c.store.transaction() as conn:
+            current = c.store.load_many({r.saga_id for r in replies}, conn)
+            now = c.clock()
             for reply in replies:
                 with bound(reply.saga_id, reply.correlation_id):
                     outcome, change = self._record(conn, current, reply, now)
@@ -138,7 +136,7 @@ class ReplyHandler:
                     later.append((nxt, defn))
                     # A second reply for the same saga in this batch sees the first.
                     current[reply.saga_id] = replace(transition.instance, version=inst.version + 1)
-            saved = eng.store.save_many(changes, eng.owner, conn)
+            saved = c.store.save_many(changes, c.owner, conn)
         # The store's save counted the attempts for the metrics (engine.metrics).
         self._after_commit(
             [_Recorded(inst, nxt, defn) for inst, (nxt, defn) in zip(saved, later, strict=True)],
@@ -149,19 +147,19 @@ class ReplyHandler:
     def _record(
         self, conn: Connection, current: dict[str, Instance], reply: Reply, now: int
     ) -> tuple[Handled, tuple[Instance, Transition, Run | None, Saga] | None]:
-        eng = self.engine
+        c = self.collaborators
         inst = current.get(reply.saga_id)
         if inst is None:
             log.warning("reply for saga %s ignored: no such instance", reply.saga_id)
             return Handled.UNKNOWN, None
         try:
-            defn = eng.registry.get(inst.saga_name, inst.saga_version)
+            defn = c.registry.get(inst.saga_name, inst.saga_version)
         except UnknownSaga as exc:
             log.warning("reply for saga %s ignored: %s", reply.saga_id, exc)
             return Handled.UNKNOWN, None
         problem = reply_problem(inst, reply.step_index, reply.phase, reply.attempt, now)
         if problem is not None:
-            eng.store.append_events(inst, [_discarded(inst, reply, problem)], eng.owner, now, conn)
+            c.store.append_events(inst, [_discarded(inst, reply, problem)], c.owner, now, conn)
             log.info("saga %s: reply discarded: %s", inst.id, problem)
             return Handled.DISCARDED, None
         transition, nxt = self._next(_outcome(inst, defn, reply, now), defn, now)
@@ -180,10 +178,12 @@ class ReplyHandler:
             [(r.saved, r.nxt.index, r.nxt.phase, r.defn) for r in recorded if r.nxt is not None],
             acks,
         )
-        now = self.engine.clock()
+        now = self.collaborators.clock()
         for r in recorded:
             if r.nxt is None and r.saved.state.is_active and (r.saved.next_run_at or 0) <= now:
-                ring(self.engine.transport, r.saved.id)  # an in-process step is due: wake a worker
+                ring(
+                    self.collaborators.transport, r.saved.id
+                )  # an in-process step is due: wake a worker
 
 
 def _outcome(inst: Instance, defn: Saga, reply: Reply, now: int) -> Transition:
@@ -228,13 +228,15 @@ class ReplyListener:
     live worker takes it over.
     """
 
-    def __init__(self, engine: SagaEngine, *, batch: int = 64, retry_seconds: float = 0.5) -> None:
-        self.engine = engine
-        self.bus = engine.bus
-        self.handler = ReplyHandler(engine)
+    def __init__(
+        self, collaborators: Collaborators, *, batch: int = 64, retry_seconds: float = 0.5
+    ) -> None:
+        self.collaborators = collaborators
+        self.bus = collaborators.bus
+        self.handler = ReplyHandler(collaborators)
         self.batch = batch
         self.retry_seconds = retry_seconds
-        self.consumer = engine.owner
+        self.consumer = collaborators.owner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bus_down = False
@@ -349,7 +351,7 @@ class ReplyListener:
             return
         self._groups_seen = made
         try:
-            resend_in_flight(self.engine)
+            resend_in_flight(self.collaborators)
         except (SQLAlchemyError, TransportError) as exc:
             log.warning("could not send the commands in flight again: %s", exc)
 

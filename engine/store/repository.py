@@ -119,6 +119,16 @@ class DeadLetterRef:
 
 
 @dataclass(frozen=True)
+class StoredSignal:
+    """A signal as stored: its data, when it came and who sent it."""
+
+    event: str
+    data: Any
+    received_at: int
+    sent_by: str
+
+
+@dataclass(frozen=True)
 class OperatorRecord:
     """An operator action to append to the audit log with its transition."""
 
@@ -684,6 +694,73 @@ class Store:
                 stuck[name] = stuck.get(name, 0) + int(flagged)
             letters = {name: (int(n), int(oldest)) for name, n, oldest in c.execute(open_letters)}
         return metrics.LiveCounts(instances, stuck, letters)
+
+    def due_unleased(
+        self, now: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """Up to ``limit`` (next_run_at, id) of active instances due by ``now`` with a free
+        lease, after ``after``, along the partial index on ``next_run_at``."""
+        i = t.instances.c
+        free = sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now)
+        query = sa.select(i.next_run_at, i.id).where(
+            i.state.in_(_ACTIVE), i.next_run_at <= now, free
+        )
+        if after is not None:
+            query = query.where(sa.tuple_(i.next_run_at, i.id) > sa.tuple_(*after))
+        query = query.order_by(i.next_run_at, i.id).limit(limit)
+        with self.db.connect() as conn:
+            return [(row.next_run_at, row.id) for row in conn.execute(query)]
+
+    def remote_attempts_in_flight(
+        self, now: int, sagas: list[tuple[str, int]], batch: int
+    ) -> list[str]:
+        """Ids of active instances of ``sagas`` whose current attempt runs, due after ``now``.
+
+        An attempt in flight makes its deadline the instance's next_run_at, so
+        they are among the active instances due later, along the due index.
+        """
+        i, s = t.instances.c, t.steps.c
+        running = str(StepStatus.RUNNING)
+        query = (
+            sa.select(i.id)
+            .join(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
+            .where(
+                i.state.in_(_ACTIVE),
+                i.next_run_at > now,
+                sa.tuple_(i.saga_name, i.saga_version).in_(sagas),
+                sa.or_(s.status == running, s.comp_status == str(CompensationStatus.RUNNING)),
+            )
+            .order_by(i.next_run_at)
+        )
+        ids: list[str] = []
+        with self.db.connect() as conn:
+            for partition in conn.execution_options(yield_per=batch).execute(query).partitions():
+                ids.extend(row.id for row in partition)
+        return ids
+
+    def stored_signal(self, saga_id: str, event: str) -> StoredSignal | None:
+        """The signal stored for ``event`` on ``saga_id``, if one came."""
+        s = t.signals.c
+        query = sa.select(s.data, s.received_at, s.sent_by).where(
+            s.saga_id == saga_id, s.event == event
+        )
+        with self.db.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return StoredSignal(event, row.data, row.received_at, row.sent_by)
+
+    def insert_signal(
+        self, conn: Connection, saga_id: str, event: str, data: Any, sent_by: str, now: int
+    ) -> bool:
+        """Store a signal in ``conn``'s transaction; False when one for ``event`` is there."""
+        row = {"event": event, "data": data, "sent_by": sent_by}
+        try:
+            with conn.begin_nested():
+                conn.execute(t.signals.insert().values(saga_id=saga_id, received_at=now, **row))
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
     # -- reads --------------------------------------------------------------
 

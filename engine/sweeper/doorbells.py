@@ -12,34 +12,26 @@ sweeps schedule it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
-from engine.states import ACTIVE_STATES
-from engine.store import schema as t
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
+from engine.collaborators import Collaborators
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = [s.value for s in ACTIVE_STATES]
 
-
-def recover(engine: SagaEngine, *, batch: int = 500) -> int:
+def recover(collaborators: Collaborators, *, batch: int = 500) -> int:
     """Publish every active instance that is due now with a free lease; returns how many.
 
     Raises :class:`~engine.errors.TransportError` when the transport is down;
     what was published before stays published, and running it again is safe.
     """
-    now = engine.clock()
+    c = collaborators
+    now = c.clock()
     after: tuple[int, str] | None = None
     published = 0
     while True:
-        page = due_page(engine, now, after, batch)
+        page = c.store.due_unleased(now, after, batch)
         for _, saga_id in page:
-            engine.transport.publish(saga_id)
+            c.transport.publish(saga_id)
         published += len(page)
         if len(page) < batch:
             break
@@ -47,17 +39,3 @@ def recover(engine: SagaEngine, *, batch: int = 500) -> int:
     if published:
         log.info("recovery: rang again for %d instances whose work is due", published)
     return published
-
-
-def due_page(
-    engine: SagaEngine, now: int, after: tuple[int, str] | None, limit: int
-) -> list[tuple[int, str]]:
-    """Up to ``limit`` (next_run_at, id) of due, unleased instances, after ``after``."""
-    i = t.instances.c
-    free = sa.or_(i.lease_owner.is_(None), i.lease_expires_at < now)
-    query = sa.select(i.next_run_at, i.id).where(i.state.in_(_ACTIVE), i.next_run_at <= now, free)
-    if after is not None:
-        query = query.where(sa.tuple_(i.next_run_at, i.id) > sa.tuple_(*after))
-    query = query.order_by(i.next_run_at, i.id).limit(limit)
-    with engine.store.db.connect() as conn:
-        return [(row.next_run_at, row.id) for row in conn.execute(query)]

@@ -35,21 +35,18 @@ import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from engine import metrics
+from engine.collaborators import Collaborators
+from engine.decide import settle
 from engine.definition import Retry, Saga, StuckPolicy
 from engine.errors import ConcurrencyConflict, InvalidTransition, SagaNotFound, UnknownSaga
-from engine.executor import Clock
 from engine.model import Transition
 from engine.operations import Operations
 from engine.registry import Registry
 from engine.states import SagaState
 from engine.store import DeadLetterRef, Overdue, StuckCandidate, StuckMark
 from engine.transport.doorbells import ring
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +67,15 @@ Counts = dict[str, int]
 
 
 class Sweeps:
-    """The sweeps over one engine's store; ``clock`` defaults to the engine's."""
+    """The sweeps over one engine's store, with its clock."""
 
-    def __init__(self, engine: SagaEngine, *, clock: Clock | None = None) -> None:
-        settings = engine.settings
-        self.engine = engine
-        self.store = engine.store
-        self.registry = engine.registry
-        self.clock = clock or engine.clock
-        self.operations = Operations(engine.store, engine.registry, engine.transport, self.clock)
+    def __init__(self, collaborators: Collaborators) -> None:
+        c, settings = collaborators, collaborators.settings
+        self.store = c.store
+        self.registry = c.registry
+        self.transport = c.transport
+        self.clock = c.clock
+        self.operations = Operations(c.store, c.registry, c.transport, c.clock)
         self.batch = settings.sweep_batch
         self.redispatch_ms = int(settings.sweep_redispatch_seconds * 1000)
         self.retention_days = settings.retention_days
@@ -127,16 +124,16 @@ class Sweeps:
         elif expired and self.store.clear_expired_lease(found.id, now):
             # A worker claimed it and died before starting anything: nothing to record.
             counts["leases_cleared"] += 1
-        counts["rung"] += ring(self.engine.transport, found.id)
+        counts["rung"] += ring(self.transport, found.id)
 
     def _settle(self, found: Overdue, now: int) -> bool:
         try:
             defn = self.registry.get(found.saga_name, found.saga_version)
         except UnknownSaga:
             return False  # a worker that knows the saga settles it when it claims it
-        executor = self.engine.executor
+        rand = self._rand.random()
         saved = self.store.settle_if_free(
-            found.id, now, SWEEPER, lambda inst: executor.settle(Transition(inst), defn, now)
+            found.id, now, SWEEPER, lambda inst: settle(Transition(inst), defn, now, rand)
         )
         # None: a worker took it meanwhile, it finished, or there was nothing to record.
         return saved is not None

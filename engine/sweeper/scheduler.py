@@ -12,22 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from apscheduler.executors.pool import ThreadPoolExecutor  # type: ignore[import-untyped]
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from apscheduler.schedulers.base import BaseScheduler  # type: ignore[import-untyped]
 from apscheduler.schedulers.blocking import BlockingScheduler  # type: ignore[import-untyped]
-from sqlalchemy.exc import SQLAlchemyError
 
 from engine import metrics
+from engine.collaborators import Collaborators
 from engine.errors import TransportError
-from engine.executor import Clock
+from engine.store import StoreError
 from engine.store.leader import LeaderLock, lock_for
 from engine.sweeper.passes import SWEEPS, Counts, Sweeps
-
-if TYPE_CHECKING:
-    from engine.runtime import SagaEngine
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +36,11 @@ class Sweeper:
     ``run_once()`` is one full pass, for a test, a benchmark or cron.
     """
 
-    def __init__(
-        self, engine: SagaEngine, *, lock: LeaderLock | None = None, clock: Clock | None = None
-    ) -> None:
-        self.engine = engine
-        self.sweeps = Sweeps(engine, clock=clock)
-        self.lock = lock or lock_for(engine.store)
+    def __init__(self, collaborators: Collaborators, *, lock: LeaderLock | None = None) -> None:
+        self.settings = collaborators.settings
+        self.owner = collaborators.owner
+        self.sweeps = Sweeps(collaborators)
+        self.lock = lock or lock_for(collaborators.store)
         self._leading = False
         self._mutex = threading.Lock()
         self._scheduler: BaseScheduler | None = None
@@ -66,7 +61,7 @@ class Sweeper:
                 return None
             try:
                 return self.sweeps.run(name)
-            except (SQLAlchemyError, TransportError) as exc:
+            except (StoreError, TransportError) as exc:
                 # Every write is one transaction: nothing was half done.
                 log.warning("sweep %s failed, retried at its next tick: %s", name, exc)
                 return None
@@ -101,7 +96,7 @@ class Sweeper:
         self._resign()
 
     def _schedule(self, scheduler: BaseScheduler) -> None:
-        settings = self.engine.settings
+        settings = self.settings
         every = {
             "dispatch": settings.sweep_dispatch_seconds,
             "stuck": settings.sweep_stuck_seconds,
@@ -123,7 +118,7 @@ class Sweeper:
     def _lead(self) -> bool:
         leading = self.lock.acquire()
         if leading != self._leading:
-            owner = self.engine.settings.worker_id
+            owner = self.owner
             if leading:
                 log.info("sweeper %s leads: running the sweeps", owner)
             else:
@@ -136,7 +131,7 @@ class Sweeper:
         with self._mutex:
             self.lock.release()
             if self._leading:
-                log.info("sweeper %s gave up the lead", self.engine.settings.worker_id)
+                log.info("sweeper %s gave up the lead", self.owner)
             self._leading = False
             metrics.SWEEPER_LEADER.set(0)
 

@@ -23,7 +23,6 @@ from playwright.sync_api import expect
 
 from console.serve import ConsoleServer
 from engine import Retry, Saga, SagaEngine, SagaState, Settings, StepContext
-from engine.sweeper.passes import Sweeps
 from tests.console.console_sagas import SAGAS
 from tests.console.support import PASSWORD, make_app
 from tests.console.test_console_browser import _shot, browser
@@ -97,7 +96,7 @@ def running(sqlite_url: str) -> Iterator[tuple[SagaEngine, str]]:
 def _flag_stuck(eng: SagaEngine) -> None:
     # The sweep's own rule, on the real clock: no progress for longer than the
     # step's expected 300 ms plus no grace. Running it again is harmless.
-    Sweeps(eng).stuck()
+    eng.sweeps().stuck()
 
 
 def test_a_hung_step_is_flagged_stuck_and_force_compensate_brings_it_to_compensated(

@@ -21,7 +21,6 @@ from flask.testing import FlaskClient
 import console.bulk
 from engine import Action, SagaEngine, SagaState
 from engine.bulk.model import BulkFilter, BulkStatus
-from engine.bulk.recovery import BulkRecovery
 from engine.queries import Queries
 from engine.store import schema as t
 from tests.console.console_sagas import SCRIPT
@@ -163,7 +162,7 @@ class TestRunning:
         self, operator: FlaskClient, saga_engine: SagaEngine
     ) -> None:
         dead_lettered(saga_engine)
-        bulk = BulkRecovery(saga_engine)
+        bulk = saga_engine.bulk_recovery()
         flt = BulkFilter(state=SagaState.FAILED)
         op = bulk.create(Action.CANCEL, flt, actor="operator", reason="r", expected_count=1)
         htmx = {"HX-Request": "true"}
@@ -182,7 +181,7 @@ class TestRunning:
     ) -> None:
         first = dead_lettered(saga_engine, "ORD-1")
         moved = dead_lettered(saga_engine, "ORD-2")
-        bulk = BulkRecovery(saga_engine)
+        bulk = saga_engine.bulk_recovery()
         flt = BulkFilter(state=SagaState.FAILED)
         op = bulk.create(Action.CANCEL, flt, actor="operator", reason="r", expected_count=2)
         saga_engine.operations.skip(moved.id, actor="colleague", reason="by hand")
@@ -202,7 +201,7 @@ class TestStopAndResume:
         for i in range(n):
             dead_lettered(saga_engine, f"ORD-{i}")
         flt = BulkFilter(state=SagaState.FAILED)
-        return BulkRecovery(saga_engine).create(
+        return saga_engine.bulk_recovery().create(
             Action.CANCEL, flt, actor="someone", reason="r", expected_count=n
         )
 
@@ -210,7 +209,7 @@ class TestStopAndResume:
         self, operator: FlaskClient, saga_engine: SagaEngine
     ) -> None:
         op = self._created(saga_engine)
-        bulk = BulkRecovery(saga_engine)
+        bulk = saga_engine.bulk_recovery()
         assert bulk.store.claim(op.id, "other-host:bulk", saga_engine.clock())
 
         response = operator.post(f"/bulk/{op.id}/stop")
@@ -227,14 +226,14 @@ class TestStopAndResume:
         self, operator: FlaskClient, saga_engine: SagaEngine
     ) -> None:
         op = self._created(saga_engine)
-        BulkRecovery(saga_engine).run(op.id)
+        saga_engine.bulk_recovery().run(op.id)
         assert operator.post(f"/bulk/{op.id}/stop").status_code == 409
 
     def test_an_interrupted_operation_shows_resume_and_resumes_here(
         self, operator: FlaskClient, app: Flask, saga_engine: SagaEngine
     ) -> None:
         op = self._created(saga_engine)
-        bulk = BulkRecovery(saga_engine)
+        bulk = saga_engine.bulk_recovery()
         assert bulk.store.claim(op.id, "dead-host:bulk", saga_engine.clock())
         bulk.store.release(op.id, "dead-host:bulk", "the runner failed: store went away")
 
@@ -251,7 +250,7 @@ class TestStopAndResume:
         self, operator: FlaskClient, saga_engine: SagaEngine
     ) -> None:
         op = self._created(saga_engine)
-        assert BulkRecovery(saga_engine).store.claim(op.id, "live:bulk", saga_engine.clock())
+        assert saga_engine.bulk_recovery().store.claim(op.id, "live:bulk", saga_engine.clock())
         assert operator.post(f"/bulk/{op.id}/resume").status_code == 409
 
 
@@ -261,7 +260,7 @@ class TestRoles:
     ) -> None:
         dead_lettered(saga_engine)
         flt = BulkFilter(state=SagaState.FAILED)
-        op = BulkRecovery(saga_engine).create(
+        op = saga_engine.bulk_recovery().create(
             Action.CANCEL, flt, actor="someone", reason="r", expected_count=1
         )
         before = row_counts(saga_engine)

@@ -20,7 +20,6 @@ from flask.testing import FlaskClient
 from engine import SagaEngine, SagaState
 from engine.model import Instance
 from engine.queries import Queries
-from engine.sweeper.passes import Sweeps
 from tests.console.console_sagas import SCRIPT
 from tests.console.support import PASSWORD, dead_lettered, make_app, make_engine, text
 
@@ -290,7 +289,7 @@ class TestStuckTab:
         # Started, never advanced (no worker): an hour later the sweep flags it.
         inst = saga_engine.start("order", {}, business_key="ORD-STUCK").instance
         later = saga_engine.clock() + 3_600_000
-        assert Sweeps(saga_engine, clock=lambda: later).stuck()["flagged"] == 1
+        assert saga_engine.sweeps(clock=lambda: later).stuck()["flagged"] == 1
         return inst
 
     def test_the_stuck_tab_counts_and_lists_flagged_instances(

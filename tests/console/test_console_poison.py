@@ -99,7 +99,7 @@ def poisoned(
         bus.replies_stream,
         {"v": "1", "outcome": "success", "saga_id": b"\x80\x81", "note": HOSTILE},
     ).decode()
-    listener = ReplyListener(redis_engine).start()
+    listener = ReplyListener(redis_engine.collaborators).start()
     wait_for(lambda: client.xlen(poison) == 2)
     assert listener.stop()
 

@@ -21,7 +21,6 @@ from markupsafe import escape
 from engine import NO_RETRY, Saga, SagaEngine, SagaState, Settings, StepContext
 from engine.model import Instance, now_ms
 from engine.queries import Queries
-from engine.signals import stored_signal
 from engine.states import StepStatus
 from tests.console.console_sagas import SAGAS, SCRIPT
 from tests.console.support import PASSWORD, make_app, sign_in, text
@@ -178,7 +177,7 @@ class TestSendSignal:
         assert after.steps[WAIT].status is StepStatus.SUCCEEDED
         assert after.steps[WAIT].output == {"approved": True, "by": "Grace"}
         assert (after.state, after.current.name) == (SagaState.RUNNING, "ship")
-        signal = stored_signal(saga_engine.store, inst.id, EVENT)
+        signal = saga_engine.store.stored_signal(inst.id, EVENT)
         assert signal is not None and signal.sent_by == "operator"
         page = text(operator.get(response.location))
         assert f"Signal “{EVENT}” sent by operator. The step took it" in page
@@ -215,7 +214,7 @@ class TestSendSignal:
         response = self._send(operator, inst, "[1, 2]", reason="approved ahead")
         assert response.status_code == 302
         assert "It is stored: the step takes it" in text(operator.get(response.location))
-        signal = stored_signal(saga_engine.store, inst.id, EVENT)
+        signal = saga_engine.store.stored_signal(inst.id, EVENT)
         assert signal is not None and signal.data == [1, 2]
         assert saga_engine.get(inst.id).version == inst.version
         [row] = Queries(saga_engine.store).operator_actions(saga_id=inst.id)
@@ -245,7 +244,7 @@ class TestSendSignal:
             data={"signal_data": "true", "reason": "x", "expected_version": inst.version},
         )
         assert response.status_code == 403
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
 
     # -- bad input: the form again, with what was typed ----------------------------------
 
@@ -261,7 +260,7 @@ class TestSendSignal:
         assert str(escape(typed)) in html
         assert "my careful reason" in html
         assert f'name="expected_version" value="{inst.version}"' in html
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
 
     @pytest.mark.parametrize("typed", ['{"rate": NaN}', '"nul \\u0000 here"'])
     def test_data_the_store_cannot_keep_is_refused_on_the_form(
@@ -273,7 +272,7 @@ class TestSendSignal:
         assert response.status_code == 400
         assert "The data was not sent: the store cannot keep it" in html
         assert str(escape(typed)) in html
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
 
     def test_a_missing_reason_is_400_and_keeps_the_data(
         self, operator: FlaskClient, saga_engine: SagaEngine
@@ -284,7 +283,7 @@ class TestSendSignal:
         assert response.status_code == 400
         assert "Say why you are doing this." in html
         assert str(escape('{"approved": false}')) in html
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
 
     def test_a_stale_version_gives_the_conflict_page_and_sends_nothing(
         self, operator: FlaskClient, saga_engine: SagaEngine
@@ -298,7 +297,7 @@ class TestSendSignal:
         assert "The saga changed since you looked at it" in html
         assert f"You saw version {inst.version}" in html
         assert f"it is now version {moved.version}" in html
-        signal = stored_signal(saga_engine.store, inst.id, EVENT)
+        signal = saga_engine.store.stored_signal(inst.id, EVENT)
         assert signal is not None and signal.sent_by == "grace"
         assert self._audit(saga_engine, inst.id) == []
 
@@ -314,7 +313,7 @@ class TestSendSignal:
         assert "Nothing was sent: cannot deliver the" in html
         assert "a signal for that event is already stored" in html
         assert str(escape('"second"')) in html and "resend" in html
-        signal = stored_signal(saga_engine.store, inst.id, EVENT)
+        signal = saga_engine.store.stored_signal(inst.id, EVENT)
         assert signal is not None and signal.data == "first"
         assert self._audit(saga_engine, inst.id) == []
 
@@ -328,7 +327,7 @@ class TestSendSignal:
         response = self._send(operator, inst, "true")
         assert response.status_code == 409
         assert "stopped waiting at its deadline" in text(response)
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
 
     # -- untrusted text -------------------------------------------------------------
 
@@ -353,7 +352,7 @@ class TestSendSignal:
         refused = self._send(client, inst, "true")
         assert refused.status_code == 400
         assert "Form expired or tampered" in text(refused)
-        assert stored_signal(saga_engine.store, inst.id, EVENT) is None
+        assert saga_engine.store.stored_signal(inst.id, EVENT) is None
         form = text(client.get(f"/sagas/{inst.id}/signals/{EVENT}?version={inst.version}"))
         sent = client.post(
             f"/sagas/{inst.id}/signals/{EVENT}",
