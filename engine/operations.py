@@ -14,13 +14,24 @@ from typing import Any
 from engine import interventions
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
+from engine.inputs import MAX_REASON, check_text
 from engine.interventions import Action
 from engine.model import Instance, Transition
 from engine.registry import Registry
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport.doorbells import Transport, ring
 
-MAX_REASON = 2000
+__all__ = [
+    "MAX_ACTOR",
+    "MAX_REASON",
+    "Operations",
+    "check_actor",
+    "check_reason",
+    "check_version",
+]
+
+#: The longest name of who acts, in the audit log and on the timeline.
+MAX_ACTOR = 150
 
 
 class Operations:
@@ -190,18 +201,14 @@ def check_version(inst: Instance, expected: int | None) -> None:
 
 
 def check_reason(reason: str) -> str:
-    """The reason an operator gave, trimmed; InvalidInput when empty or too long."""
-    text = (reason or "").strip()
-    if not text:
+    """The reason an operator gave, trimmed; InvalidInput when empty, too long or unstorable."""
+    if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("reason", "say why you are doing this; it goes in the audit log")
-    if len(text) > MAX_REASON:
-        raise InvalidInput("reason", f"is {len(text)} characters; the limit is {MAX_REASON}")
-    return text
+    return check_text("reason", reason, limit=MAX_REASON)
 
 
 def check_actor(actor: str) -> str:
-    """Who acts, trimmed; InvalidInput unless 1 to 150 characters."""
-    text = (actor or "").strip()
-    if not text or len(text) > 150:
-        raise InvalidInput("actor", "name who is acting (1 to 150 characters)")
-    return text
+    """Who acts, trimmed; InvalidInput unless 1 to 150 storable characters."""
+    if not isinstance(actor, str) or not actor.strip() or len(actor.strip()) > MAX_ACTOR:
+        raise InvalidInput("actor", f"name who is acting (1 to {MAX_ACTOR} characters)")
+    return check_text("actor", actor, limit=MAX_ACTOR)

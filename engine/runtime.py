@@ -15,8 +15,8 @@ from engine import interventions
 from engine.bulk.recovery import BulkRecovery
 from engine.collaborators import Clock, Collaborators
 from engine.definition import Saga
-from engine.errors import InvalidInput
 from engine.executor import Executor
+from engine.inputs import check_key
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
 from engine.operations import Operations, check_actor, check_reason
 from engine.registry import Registry
@@ -33,8 +33,6 @@ from engine.transport.commands import CommandBus, bus_from_settings
 from engine.transport.doorbells import InProcessQueue, Transport, ring
 from engine.transport.redis_doorbells import RedisStreamsTransport
 from engine.worker import Worker
-
-_MAX_KEY = 200
 
 
 @dataclass(frozen=True)
@@ -265,7 +263,7 @@ class SagaEngine:
             ("business key", business_key),
             ("idempotency key", idempotency_key),
         ):
-            _check_key(field, value)
+            check_key(field, value)
         now = self.clock()
         inst = Instance(
             id=new_id(now),
@@ -287,15 +285,6 @@ class SagaEngine:
             lease_expires_at=now + self.lease_ms if lease_owner else None,
         )
         return Transition(inst, (Event(EventKind.SAGA_STARTED, detail={"version": defn.version}),))
-
-
-def _check_key(field: str, value: str | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(field, "must be a non-empty string")
-    if len(value) > _MAX_KEY:
-        raise InvalidInput(field, f"is {len(value)} characters; the limit is {_MAX_KEY}")
 
 
 def _default_transport(settings: Settings) -> Transport:

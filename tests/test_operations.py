@@ -340,11 +340,20 @@ def test_a_payload_with_a_nul_character_is_refused_on_every_store(engine: SagaEn
         ("business key", {"business_key": "k" * 201}),
         ("correlation id", {"correlation_id": "   "}),
         ("correlation id", {"correlation_id": 42}),
+        # PostgreSQL's text holds no U+0000 and no store can encode a lone surrogate:
+        # refused up front on every store, never a raw database error.
+        ("business key", {"business_key": "trip\x00-1"}),
+        ("correlation id", {"correlation_id": "\x00"}),
+        ("idempotency key", {"idempotency_key": "key\x00"}),
+        ("business key", {"business_key": "trip-\ud800"}),
     ],
 )
-def test_malformed_keys_are_refused(engine: SagaEngine, field: str, kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("how", ["start", "run"])
+def test_malformed_keys_are_refused(
+    engine: SagaEngine, field: str, kwargs: dict[str, Any], how: str
+) -> None:
     with pytest.raises(InvalidInput) as err:
-        engine.start("travel", {}, **kwargs)
+        getattr(engine, how)("travel", {}, **kwargs)
     assert err.value.field == field
     assert nothing_written(engine)
 
