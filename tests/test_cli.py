@@ -6,6 +6,7 @@ run the installed ``saga`` executable in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
+from console.cli import main
 from engine import Queries, SagaEngine, SagaState, Settings, logs
+from engine import cli as engine_cli
 from engine import settings as settings_module
-from engine.cli import main
 from engine.model import Instance
 from engine.store import migrate
 from engine.store import schema as t
@@ -623,3 +625,34 @@ def test_a_store_behind_the_code_is_refused_with_the_fix(saga: Any, store_url: s
         result = saga("list")
     assert result.exit_code == 1
     assert "is at schema 0002" in result.stderr and "saga db upgrade" in result.stderr
+
+
+# -- the engine's commands, and the console's beside them ----------------------------
+
+
+def test_saga_is_the_engines_commands_and_the_consoles() -> None:
+    engine_commands = set(engine_cli.main.commands)
+
+    assert {"db", "worker", "sweeper", "participant", "start", "show", "bulk"} <= engine_commands
+    assert not {"console", "user", "demo"} & engine_commands  # `python -m engine.cli`
+    assert set(main.commands) == engine_commands | {"console", "user", "demo"}
+
+
+def test_the_engine_never_imports_the_console() -> None:
+    # The console composes the `saga` command (console.cli); nothing in the engine may
+    # import it, not inside a function and not for type checking either.
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "engine").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if "console" in _top_level_imports(node)
+    ]
+    assert found == []
+
+
+def _top_level_imports(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {alias.name.split(".")[0] for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()

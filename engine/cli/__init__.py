@@ -15,12 +15,15 @@ error, and nothing is written when a command fails. Exit codes:
      changed since ``--expected-version``
 ===  =============================================================
 
-This package holds the commands, one module per group, with the rendering
-for people apart (:mod:`engine.cli.render`).
+This package holds the engine's commands, one module per group, with the
+rendering for people apart (:mod:`engine.cli.render`). It knows nothing of the
+console: the installed ``saga`` script is :data:`console.cli.main`, which adds
+the console's commands to :data:`main` with :func:`with_commands`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,7 +36,6 @@ from engine.cli.actions import deadletters, edit_retry, operator_commands, resol
 from engine.cli.bulk import bulk
 from engine.cli.context import Cli
 from engine.cli.db import db
-from engine.cli.demo import console_commands, demo
 from engine.cli.errors import (
     EXIT_BAD_INPUT,
     EXIT_ERROR,
@@ -49,7 +51,7 @@ from engine.loader import split_names
 from engine.settings import Settings
 from engine.store import DatabaseError
 
-__all__ = ["Cli", "SagaGroup", "main"]
+__all__ = ["Cli", "SagaGroup", "main", "with_commands"]
 
 # click 8.2+ raises this for a group called without a command; older versions exit 0.
 _NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
@@ -123,7 +125,15 @@ for _command in (
     edit_retry,
     resolve,
     bulk,
-    demo,
-    *console_commands(),
 ):
     main.add_command(_command)
+
+
+def with_commands(*commands: click.Command) -> SagaGroup:
+    """A ``saga`` group with the engine's commands and ``commands``; :data:`main` is
+    left as it is, so what the engine offers does not depend on who imported what."""
+    group = copy.copy(main)
+    group.commands = dict(main.commands)
+    for command in commands:
+        group.add_command(command)
+    return group

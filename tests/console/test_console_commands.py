@@ -8,9 +8,9 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
+from console.cli import main
 from console.commands import DEMO_ADMIN, serve_demo_console, start_demo_console
 from engine import SagaEngine
-from engine.cli import main
 from engine.users import Role, UserStore
 
 
