@@ -7,6 +7,7 @@ run the installed ``saga`` executable in a subprocess, as a user would.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import logging
 import os
@@ -496,6 +497,17 @@ def test_the_saga_executable_starts_lists_and_refuses(store_url: str) -> None:
     assert bad.stdout == ""
     assert bad.stderr.strip().startswith("saga: error: invalid --payload: not JSON")
     assert row_counts(store_url)["saga_instances"] == 1
+
+
+def test_saga_version_is_the_installed_packages() -> None:
+    # Settings are not read: the version is there even with a store that could not be used.
+    env = {**os.environ, "SAGA_DATABASE_URL": "mysql://db/sagas"}
+    proc = subprocess.run(
+        [SAGA, "--version"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"saga {importlib.metadata.version('saga-engine')}\n"
 
 
 def test_saga_worker_runs_sagas_and_drains_on_sigterm(engine: SagaEngine, store_url: str) -> None:

@@ -27,6 +27,7 @@ import copy
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import click
@@ -52,6 +53,9 @@ from engine.settings import Settings
 from engine.store import DatabaseError
 
 __all__ = ["Cli", "SagaGroup", "main", "with_commands"]
+
+#: The distribution whose version ``saga --version`` prints.
+DISTRIBUTION = "saga-engine"
 
 # click 8.2+ raises this for a group called without a command; older versions exit 0.
 _NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
@@ -89,6 +93,18 @@ class SagaGroup(click.Group):
         sys.exit(result if isinstance(result, int) else EXIT_OK)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    try:
+        found = version(DISTRIBUTION)
+    except PackageNotFoundError:
+        # Run from a checkout that was never installed (PYTHONPATH=.): no metadata to read.
+        found = "unknown (saga-engine is not installed)"
+    click.echo(f"saga {found}")
+    ctx.exit()
+
+
 @click.group("saga", cls=SagaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-A",
@@ -98,6 +114,14 @@ class SagaGroup(click.Group):
     metavar="MODULE",
     help="Module whose Saga objects to register; repeat or separate with commas "
     "(default: $SAGA_APP).",
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and exit.",
 )
 @click.pass_context
 def main(ctx: click.Context, apps: tuple[str, ...]) -> None:
