@@ -18,6 +18,7 @@ import click
 
 from console import create_app
 from console.serve import ConsoleServer
+from console.services import Services
 from engine.cli.context import Cli, check_url, pass_cli
 from engine.cli.processes import stop_on_signals
 from engine.demo import DemoOptions, prepare, run_demo
@@ -29,6 +30,16 @@ from engine.users import Role, UserStore
 
 ROLES = [r.value for r in Role]
 T = TypeVar("T")
+
+
+#: The production command of docs/deploying.md, with its options.
+PRODUCTION_COMMAND = "gunicorn -w 4 -b 0.0.0.0:8000 --graceful-timeout 30 'console:create_app()'"
+
+#: What ``saga console`` says as it starts: it is not the server to run in production.
+DEVELOPMENT_SERVER_NOTE = (
+    "This is the development server, for one machine. In production run (docs/deploying.md):\n"
+    f"  {PRODUCTION_COMMAND}"
+)
 
 
 @click.command("console")
@@ -46,7 +57,18 @@ def console_command(host: str, port: int) -> None:
     app = create_app({"SAGA_ENGINE": cli.engine()} if cli is not None else None)
     server = ConsoleServer(app, host, port)
     click.echo(f"Saga console on {server.url}  (Ctrl-C stops it)")
-    services = app.extensions["saga"]
+    click.echo(DEVELOPMENT_SERVER_NOTE, err=True)
+    _say_what_is_missing(app.extensions["saga"])
+    try:
+        server.server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        server.server.server_close()
+
+
+def _say_what_is_missing(services: Services) -> None:
+    """What the console cannot do yet, and how to fix it."""
     if not services.engine.registry.names():
         click.echo(
             "No saga modules named (-A/--app or SAGA_APP): the console shows sagas "
@@ -55,12 +77,6 @@ def console_command(host: str, port: int) -> None:
         )
     if services.users.count() == 0:
         click.echo("No users yet: create one with `saga user add NAME --role admin`.", err=True)
-    try:
-        server.server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopping")
-    finally:
-        server.server.server_close()
 
 
 @click.group("user")
