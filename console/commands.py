@@ -1,32 +1,45 @@
-"""Click commands for the console: ``saga console`` and ``saga user add|list|set-role|disable``.
+"""The console's commands: ``saga console``, ``saga user add|list|set-role|disable``
+and ``saga demo`` (the engine's demo with the console beside it).
 
-They are registered on the ``saga`` group in :mod:`engine.cli` and use its
-settings and ``-A`` modules; run on their own (tests), they read the same
-``SAGA_*`` variables. :func:`start_demo_console` serves the console beside
-``saga demo``.
+:mod:`console.cli` adds them to the engine's ``saga`` group; under it they
+use its settings and ``-A`` modules, and run on their own (tests) they read
+the same ``SAGA_*`` variables.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import click
 
+from console import create_app
+from console.serve import ConsoleServer
+from console.services import Services
+from engine.cli.context import Cli, check_url, pass_cli
+from engine.cli.processes import stop_on_signals
+from engine.demo import DemoOptions, prepare, run_demo
 from engine.errors import InvalidInput
+from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.store import open_store
 from engine.users import Role, UserStore
 
-if TYPE_CHECKING:
-    from console.serve import ConsoleServer
-    from engine.cli import Cli
-    from engine.runtime import SagaEngine
-
 ROLES = [r.value for r in Role]
 T = TypeVar("T")
+
+
+#: The production command of docs/deploying.md, with its options.
+PRODUCTION_COMMAND = "gunicorn -w 4 -b 0.0.0.0:8000 --graceful-timeout 30 'console:create_app()'"
+
+#: What ``saga console`` says as it starts: it is not the server to run in production.
+DEVELOPMENT_SERVER_NOTE = (
+    "This is the development server, for one machine. In production run (docs/deploying.md):\n"
+    f"  {PRODUCTION_COMMAND}"
+)
 
 
 @click.command("console")
@@ -40,14 +53,22 @@ T = TypeVar("T")
 )
 def console_command(host: str, port: int) -> None:
     """Serve the operator console (for production use gunicorn 'console:create_app()')."""
-    from console import create_app
-    from console.serve import ConsoleServer
-
     cli = _cli()
     app = create_app({"SAGA_ENGINE": cli.engine()} if cli is not None else None)
     server = ConsoleServer(app, host, port)
     click.echo(f"Saga console on {server.url}  (Ctrl-C stops it)")
-    services = app.extensions["saga"]
+    click.echo(DEVELOPMENT_SERVER_NOTE, err=True)
+    _say_what_is_missing(app.extensions["saga"])
+    try:
+        server.server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        server.server.server_close()
+
+
+def _say_what_is_missing(services: Services) -> None:
+    """What the console cannot do yet, and how to fix it."""
     if not services.engine.registry.names():
         click.echo(
             "No saga modules named (-A/--app or SAGA_APP): the console shows sagas "
@@ -56,12 +77,6 @@ def console_command(host: str, port: int) -> None:
         )
     if services.users.count() == 0:
         click.echo("No users yet: create one with `saga user add NAME --role admin`.", err=True)
-    try:
-        server.server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopping")
-    finally:
-        server.server.server_close()
 
 
 @click.group("user")
@@ -124,8 +139,6 @@ def _cli_actor() -> str:
 
 def _cli() -> Cli | None:
     """The ``saga`` group's state (settings, ``-A`` modules), when run under it."""
-    from engine.cli import Cli
-
     context = click.get_current_context(silent=True)
     return context.find_object(Cli) if context is not None else None
 
@@ -171,9 +184,6 @@ def start_demo_console(engine: SagaEngine, host: str, port: int) -> tuple[Consol
     The password is generated for this run (an existing demo admin gets a new
     one), returned once for the caller to print, and stored only as a hash.
     """
-    from console import create_app
-    from console.serve import ConsoleServer
-
     users = UserStore(engine.store.db)
     password = secrets.token_urlsafe(12)
     if users.by_name(DEMO_ADMIN) is None:
@@ -185,3 +195,64 @@ def start_demo_console(engine: SagaEngine, host: str, port: int) -> tuple[Consol
     config = {"SAGA_ENGINE": engine, "SECRET_KEY": secrets.token_hex(32)}
     server = ConsoleServer(create_app(config), host, port, access_log=False)
     return server.start(), password
+
+
+@click.command("demo")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0.1, 100.0),
+    default=3.0,
+    show_default=True,
+    help="Sagas started per second.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Stop after this many seconds (default: run until Ctrl-C).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Worker concurrency (default: $SAGA_CONCURRENCY or 8).",
+)
+@click.option("--seed", type=int, default=None, help="Seed the outcome mix, to repeat a run.")
+@click.option(
+    "--console/--no-console", default=True, show_default=True, help="Serve the console too."
+)
+@click.option("--console-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--console-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the console; when taken, a free one is used.",
+)
+@pass_cli
+def demo_command(
+    cli: Cli,
+    *,
+    rate: float,
+    duration: float | None,
+    concurrency: int | None,
+    seed: int | None,
+    console: bool,
+    console_host: str,
+    console_port: int,
+) -> None:
+    """Run the example sagas continuously on this machine, with a realistic mix of outcomes."""
+    check_url(cli.settings.database_url)
+    options = DemoOptions(rate=rate, duration=duration, concurrency=concurrency, seed=seed)
+    engine = prepare(cli.settings)
+    stop = threading.Event()
+    server = None
+    try:
+        if console:
+            server = serve_demo_console(engine, console_host, console_port)
+        with stop_on_signals(stop):
+            run_demo(engine, stop, options)
+    finally:
+        if server is not None:
+            server.stop()
+        engine.close()

@@ -6,6 +6,8 @@ run the installed ``saga`` executable in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import logging
 import os
@@ -23,9 +25,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
+from console.cli import main
 from engine import Queries, SagaEngine, SagaState, Settings, logs
+from engine import cli as engine_cli
 from engine import settings as settings_module
-from engine.cli import main
 from engine.model import Instance
 from engine.store import migrate
 from engine.store import schema as t
@@ -496,6 +499,17 @@ def test_the_saga_executable_starts_lists_and_refuses(store_url: str) -> None:
     assert row_counts(store_url)["saga_instances"] == 1
 
 
+def test_saga_version_is_the_installed_packages() -> None:
+    # Settings are not read: the version is there even with a store that could not be used.
+    env = {**os.environ, "SAGA_DATABASE_URL": "mysql://db/sagas"}
+    proc = subprocess.run(
+        [SAGA, "--version"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"saga {importlib.metadata.version('saga-engine')}\n"
+
+
 def test_saga_worker_runs_sagas_and_drains_on_sigterm(engine: SagaEngine, store_url: str) -> None:
     saga_id = engine.start("book_trip", {"fail": {"car": "permanent"}}).id
     env = {
@@ -623,3 +637,34 @@ def test_a_store_behind_the_code_is_refused_with_the_fix(saga: Any, store_url: s
         result = saga("list")
     assert result.exit_code == 1
     assert "is at schema 0002" in result.stderr and "saga db upgrade" in result.stderr
+
+
+# -- the engine's commands, and the console's beside them ----------------------------
+
+
+def test_saga_is_the_engines_commands_and_the_consoles() -> None:
+    engine_commands = set(engine_cli.main.commands)
+
+    assert {"db", "worker", "sweeper", "participant", "start", "show", "bulk"} <= engine_commands
+    assert not {"console", "user", "demo"} & engine_commands  # `python -m engine.cli`
+    assert set(main.commands) == engine_commands | {"console", "user", "demo"}
+
+
+def test_the_engine_never_imports_the_console() -> None:
+    # The console composes the `saga` command (console.cli); nothing in the engine may
+    # import it, not inside a function and not for type checking either.
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in sorted((ROOT / "engine").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if "console" in _top_level_imports(node)
+    ]
+    assert found == []
+
+
+def _top_level_imports(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {alias.name.split(".")[0] for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return {node.module.split(".")[0]}
+    return set()

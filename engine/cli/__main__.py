@@ -1,4 +1,5 @@
-"""``python -m engine.cli``: the ``saga`` command, for processes started without the script."""
+"""``python -m engine.cli``: the engine's ``saga`` commands, for processes started without
+the script (workers, sweepers, participants); the console's commands are in ``console.cli``."""
 
 from engine.cli import main
 
