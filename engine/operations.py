@@ -14,7 +14,7 @@ from typing import Any
 from engine import interventions
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
-from engine.interventions import Action
+from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance, Transition
 from engine.registry import Registry
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
@@ -205,3 +205,23 @@ def check_actor(actor: str) -> str:
     if not text or len(text) > 150:
         raise InvalidInput("actor", "name who is acting (1 to 150 characters)")
     return text
+
+
+def check_json(value: Any) -> None:
+    """InvalidInput unless the store can keep ``value`` as JSON (not NaN, no NUL character),
+    so that a form can refuse what was typed before any operation sees it."""
+    dumps(value)
+
+
+# The door's names, with the actions' vocabulary (from engine.interventions) that
+# callers of the operations name: the console and the CLI import them from here.
+__all__ = [
+    "AUDIT_ACTIONS",
+    "MAX_REASON",
+    "Action",
+    "Operations",
+    "check_actor",
+    "check_json",
+    "check_reason",
+    "check_version",
+]
