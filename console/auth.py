@@ -30,8 +30,8 @@ from flask_wtf.csrf import CSRFProtect
 from console import services
 from console.forms import AddUserForm, LoginForm, PostForm, RoleForm
 from console.ratelimit import LoginThrottle
+from console.services import Role, User
 from engine.errors import InvalidInput
-from engine.users import Role, User
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()

@@ -18,21 +18,13 @@ from console.auth import require_role
 from console.charts import step_charts
 from console.forms import ActionForm, SignalForm
 from console.params import check_seen_version, parse_action, parse_list, parse_search
+from console.services import CHOREOGRAPHED, Role, Saga
 from console.timeline import build_steps, idempotency_keys
-from engine import signals
-from engine.choreography.declaration import CHOREOGRAPHED
-from engine.choreography.handlers import EventBus, choreographies_in
-from engine.choreography.operations import ChoreographyOperations
-from engine.definition import Saga
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
-from engine.interventions import Action
-from engine.loader import import_module
 from engine.model import Instance, now_ms
-from engine.queries import InstanceFilter
-from engine.signals import OpenWait
+from engine.operations import Action
+from engine.queries import InstanceFilter, OpenWait
 from engine.states import SagaState
-from engine.transport.event_log import event_log_from_settings
-from engine.users import Role
 
 bp = Blueprint("sagas", __name__)
 
@@ -204,31 +196,31 @@ def _check_definition(inst: Instance) -> None:
         )
 
 
-# -- signals to waiting steps (engine.signals) ----------------------------------
+# -- signals to waiting steps ---------------------------------------------------
 
 
 def _open_waits(inst: Instance, defn: Saga | None) -> list[OpenWait]:
     if defn is None or not current_user.can(Role.OPERATOR):
         return []
-    return signals.open_waits(services.get().engine, inst)
+    return services.get().signals.open_waits(inst)
 
 
 @bp.route("/sagas/<saga_id>/signals/<event>", methods=["GET", "POST"])
 @require_role(Role.OPERATOR)
 def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
     """GET: the form for the signal ``event``. POST: deliver it as the operator, audited."""
-    engine = services.get().engine
-    inst = engine.get(saga_id)
+    svc = services.get()
+    inst = svc.engine.get(saga_id)
     form = SignalForm()
     if request.method == "GET":
         check_seen_version(inst, request.args.get("version"))
         _check_definition(inst)
         form.expected_version.data = inst.version
-        return _signal_page(inst, event, form, signals.open_wait(engine, inst, event))
+        return _signal_page(inst, event, form, svc.signals.open_wait(inst, event))
     if not form.validate_on_submit():
         return _signal_page(inst, event, form, _wait_for(inst, event)), 400
     try:
-        delivered = engine.signal(
+        delivered = svc.signals.send(
             saga_id,
             event,
             form.signal_data.data,
@@ -262,9 +254,7 @@ def _wait_for(inst: Instance, event: str) -> OpenWait | None:
     """The wait for ``event`` if it can still take a signal (a form shown again may be moot)."""
     if _definition(inst) is None:
         return None
-    return next(
-        (w for w in signals.open_waits(services.get().engine, inst) if w.event == event), None
-    )
+    return next((w for w in services.get().signals.open_waits(inst) if w.event == event), None)
 
 
 def _signal_sent(event: str, taken: bool, inst: Instance) -> str:
@@ -274,7 +264,7 @@ def _signal_sent(event: str, taken: bool, inst: Instance) -> str:
     return f"{who} It is stored: the step takes it when it begins waiting."
 
 
-# -- choreographed instances (engine.choreography) ------------------------------
+# -- choreographed instances -----------------------------------------------------
 
 #: What each action on a choreographed instance is called, and what it will do.
 CHOREO_ACTIONS = {
@@ -323,7 +313,7 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
     if not form.validate_on_submit():
         return render_template("confirm.html", **context), 400
     check_seen_version(inst, str(form.expected_version.data))
-    ops = _choreography_operations()
+    ops = services.get().choreography
     if action_name == "force-compensate":
         sent = ops.force_compensate(saga_id, actor=current_user.name, reason=form.reason.data)
         what = ", ".join(sent) if sent else "nothing new (each was published before)"
@@ -332,24 +322,6 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         sent_one = ops.republish_last(saga_id, actor=current_user.name, reason=form.reason.data)
         flash(f"Re-published {sent_one}: done by {current_user.name}.")
     return redirect(url_for("sagas.instance", saga_id=saga_id))
-
-
-def _choreography_operations() -> ChoreographyOperations:
-    """The app's :class:`ChoreographyOperations` (``SAGA_CHOREOGRAPHY_OPERATIONS`` in tests),
-    else built from the engine's settings: the event bus, and the choreographies ``SAGA_APP``
-    declares."""
-    found = current_app.extensions.get("saga_choreography")
-    if found is None:
-        found = current_app.config.get("SAGA_CHOREOGRAPHY_OPERATIONS")
-    if found is None:
-        engine = services.get().engine
-        modules = [import_module(name) for name in engine.settings.app]
-        declared = [c for m in modules for c in choreographies_in(m)]
-        log_ = event_log_from_settings(engine.settings)
-        found = ChoreographyOperations(engine.store, EventBus(log_), declared)
-    current_app.extensions["saga_choreography"] = found
-    ops: ChoreographyOperations = found
-    return ops
 
 
 def _is_htmx() -> bool:
