@@ -15,22 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import (
-    Blueprint,
-    Flask,
-    current_app,
-    flash,
-    redirect,
-    render_template,
-    request,
-    url_for,
-)
+from flask import Blueprint, Flask, current_app, flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from console import describe, services
 from console.auth import require_role
 from console.errors import error_page
+from console.htmx import request
 from console.params import parse_list
 from console.services import (
     MAX_BATCH,
@@ -170,7 +162,7 @@ def report(operation_id: str) -> ResponseReturnValue:
     bulk = services.get().bulk
     op = bulk.get(operation_id)
     now = now_ms()
-    if request.headers.get("HX-Request") == "true":
+    if request.htmx:
         return render_template("_bulk_progress.html", op=op, now=now)
     outcome = _outcome(request.args.get("outcome", ""))
     after = _int(request.args, "after", 0, 10**9)

@@ -2,14 +2,14 @@
 
 Each view parses its input (:mod:`console.params`), asks the engine's
 queries or operations, and renders a page, or the ``_partial`` that an htmx
-request (``HX-Request`` header) swaps in.
+request (``request.htmx``) swaps in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
@@ -17,6 +17,7 @@ from console import describe, services
 from console.auth import require_role
 from console.charts import step_charts
 from console.forms import ActionForm, SignalForm
+from console.htmx import request
 from console.params import check_seen_version, parse_action, parse_list, parse_search
 from console.services import CHOREOGRAPHED, Role, Saga
 from console.timeline import build_steps, idempotency_keys
@@ -68,7 +69,7 @@ def list_instances() -> ResponseReturnValue:
         "saga_names": svc.engine.registry.names(),
         "poll_seconds": int(current_app.config["SAGA_LIST_POLL_SECONDS"]),
     }
-    if _is_htmx():
+    if request.htmx:
         return render_template("_instances.html", **context)
     return render_template("instances.html", **context)
 
@@ -95,10 +96,10 @@ def instance(saga_id: str) -> ResponseReturnValue:
     """One instance: steps, attempts, payload, outputs, actions, events; polled while live."""
     svc = services.get()
     inst = svc.engine.get(saga_id)
-    if _is_htmx() and request.args.get("v") == str(inst.version):
+    if request.htmx and request.args.get("v") == str(inst.version):
         return "", 204  # nothing changed since the last poll: htmx keeps what it shows
     context = _instance_context(inst)
-    if _is_htmx():
+    if request.htmx:
         return render_template("_instance.html", **context)
     return render_template("instance.html", **context)
 
@@ -322,7 +323,3 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         sent_one = ops.republish_last(saga_id, actor=current_user.name, reason=form.reason.data)
         flash(f"Re-published {sent_one}: done by {current_user.name}.")
     return redirect(url_for("sagas.instance", saga_id=saga_id))
-
-
-def _is_htmx() -> bool:
-    return request.headers.get("HX-Request") == "true"
