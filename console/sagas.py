@@ -297,16 +297,7 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         raise InvalidTransition(saga_id, action_name, "-", "no such action on a choreography")
     inst = services.get().engine.get(saga_id)
     form = ActionForm()
-    label, consequence = CHOREO_ACTIONS[action_name]
-    context = {
-        "inst": inst,
-        "form": form,
-        "label": label,
-        "consequence": consequence,
-        "post_to": url_for("sagas.choreo_act", saga_id=saga_id, action_name=action_name),
-        "dangerous": action_name == "force-compensate",
-        "example_reason": "e.g. shipping lost the order (INC-1234)",
-    }
+    context = _choreo_context(inst, action_name, form)
     if request.method == "GET":
         check_seen_version(inst, request.args.get("version"))
         form.expected_version.data = inst.version
@@ -323,3 +314,16 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         sent_one = ops.republish_last(saga_id, actor=current_user.name, reason=form.reason.data)
         flash(f"Re-published {sent_one}: done by {current_user.name}.")
     return redirect(url_for("sagas.instance", saga_id=saga_id))
+
+
+def _choreo_context(inst: Instance, action_name: str, form: ActionForm) -> dict[str, Any]:
+    label, consequence = CHOREO_ACTIONS[action_name]
+    return {
+        "inst": inst,
+        "form": form,
+        "label": label,
+        "consequence": consequence,
+        "post_to": url_for("sagas.choreo_act", saga_id=inst.id, action_name=action_name),
+        "dangerous": action_name == "force-compensate",
+        "example_reason": "e.g. shipping lost the order (INC-1234)",
+    }
