@@ -3,8 +3,11 @@
 ``create_app()`` is the factory (``gunicorn 'console:create_app()'``); the
 blueprints are one per area (auth, sagas, dead letters, entries set aside
 on the poison stream, bulk recovery, step-duration charts, audit, health).
-Views parse input, call :mod:`engine.operations` / :mod:`engine.queries` /
-:mod:`engine.users`, and render templates from the top-level ``templates/`` folder.
+Views parse input, call :mod:`engine.operations` (writes), :mod:`engine.queries`
+(reads) and the facades :mod:`console.services` builds once, at start-up, and
+render templates from the top-level ``templates/`` folder; which engine modules
+they may import is written down in :mod:`console.services`. htmx requests and
+responses go through htmx-flask (:mod:`console.htmx`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import console.deadletters
 import console.errors
 import console.formatting
 import console.health
+import console.htmx
 import console.metrics
 import console.poison
 import console.sagas
@@ -58,11 +62,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.from_mapping(test_config)
     _ensure_secret_key(app)
     _trust_proxies(app)
+    console.htmx.Htmx(app)
     console.services.init_app(app)
     console.auth.init_app(app)
     console.errors.init_app(app)
     console.formatting.init_app(app)
-    console.metrics.init_app(app)
     for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
         app.register_blueprint(blueprint)
     console.bulk.init_app(app)

@@ -11,7 +11,7 @@ from flask.typing import ResponseReturnValue
 
 from console import services
 from console.params import parse_audit
-from engine.interventions import AUDIT_ACTIONS
+from engine.operations import AUDIT_ACTIONS
 
 bp = Blueprint("audit", __name__)
 

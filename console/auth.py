@@ -19,7 +19,6 @@ from flask import (
     flash,
     redirect,
     render_template,
-    request,
     session,
     url_for,
 )
@@ -29,9 +28,10 @@ from flask_wtf.csrf import CSRFProtect
 
 from console import services
 from console.forms import AddUserForm, LoginForm, PostForm, RoleForm
+from console.htmx import make_response, request
 from console.ratelimit import LoginThrottle
+from console.services import Role, User
 from engine.errors import InvalidInput
-from engine.users import Role, User
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
@@ -91,9 +91,9 @@ def _require_login() -> ResponseReturnValue | None:
     if request.endpoint in PUBLIC_ENDPOINTS or current_user.is_authenticated:
         return None
     login = url_for("auth.login", next=_safe_next(request.full_path))
-    if request.headers.get("HX-Request"):
+    if request.htmx:
         # An htmx poll after the session ended: send the whole page to sign-in.
-        return "", 401, {"HX-Redirect": login}
+        return make_response("", 401, redirect=login)
     return redirect(login)
 
 

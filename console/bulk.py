@@ -1,38 +1,30 @@
 """Bulk recovery pages: choose instances by filter, see a dry run, confirm, watch, stop.
 
-The engine does the work (:mod:`engine.bulk`); these views parse input and
-render. Running happens in a background thread of this console process,
-with all state in the store: the report page shows progress from the
-store (htmx polls its partial while the operation runs), a stop from any
-console process raises the flag the runner checks between items, and an
-operation whose process died shows as interrupted, with a Resume button.
+The engine does the work (bulk recovery, built once as
+:class:`console.services.Bulk`); these views parse input and render. Running
+happens in a background thread of this console process, with all state in
+the store: the report page shows progress from the store (htmx polls its
+partial while the operation runs), a stop from any console process raises
+the flag the runner checks between items, and an operation whose process
+died shows as interrupted, with a Resume button.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import (
-    Blueprint,
-    Flask,
-    current_app,
-    flash,
-    redirect,
-    render_template,
-    request,
-    url_for,
-)
+from flask import Blueprint, Flask, current_app, flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from console import describe, services
 from console.auth import require_role
 from console.errors import error_page
+from console.htmx import request
 from console.params import parse_list
-from engine.bulk.model import (
+from console.services import (
     MAX_BATCH,
     MAX_BULK_REASON,
     MAX_ITEMS,
@@ -43,14 +35,13 @@ from engine.bulk.model import (
     BulkNotFound,
     DryRun,
     ItemOutcome,
+    Role,
     SelectionChanged,
 )
-from engine.bulk.recovery import BulkRecovery
 from engine.errors import InvalidInput, InvalidTransition
-from engine.interventions import Action
 from engine.model import now_ms
+from engine.operations import Action
 from engine.states import SagaState
-from engine.users import Role
 
 bp = Blueprint("bulk", __name__)
 
@@ -70,7 +61,6 @@ FIELDS = (
     "max_failure",
 )
 DEFAULTS = {"batch_size": "50", "rate": "5", "max_failure": "20", "time_field": "created"}
-_THREADS = "saga_bulk_threads"
 
 
 @dataclass(frozen=True)
@@ -86,8 +76,7 @@ class BulkRequest:
 
 
 def init_app(app: Flask) -> None:
-    """Keep the runner threads this process starts (tests join them); map bulk errors."""
-    app.extensions[_THREADS] = []
+    """Map the bulk errors to their pages."""
     app.register_error_handler(BulkNotFound, _not_found)
     app.register_error_handler(SelectionChanged, _selection_changed)
 
@@ -105,18 +94,11 @@ def _selection_changed(exc: SelectionChanged) -> ResponseReturnValue:
     )
 
 
-def runner_threads(app: Flask) -> list[threading.Thread]:
-    """The bulk runner threads this console process started."""
-    found: list[threading.Thread] = app.extensions[_THREADS]
-    return found
-
-
 @bp.get("/bulk")
 def operations() -> ResponseReturnValue:
     """Recent bulk operations, newest first."""
     before = request.args.get("before", "").strip() or None
-    recovery = _recovery()
-    ops = recovery.store.recent(limit=51, before=before)
+    ops = services.get().bulk.recent(limit=51, before=before)
     return render_template(
         "bulk_list.html",
         ops=ops[:50],
@@ -138,7 +120,7 @@ def new() -> ResponseReturnValue:
         except InvalidInput as exc:
             problem = str(exc)
         else:
-            dry = _recovery().dry_run(wanted.action, wanted.selection)
+            dry = services.get().bulk.dry_run(wanted.action, wanted.selection)
     status = 400 if problem else 200
     return render_template("bulk_new.html", **_form_context(raw, dry, problem)), status
 
@@ -150,13 +132,13 @@ def start() -> ResponseReturnValue:
     wanted = parse_request(request.form)
     reason = request.form.get("reason", "").strip()
     expected = _int(request.form, "expected_count", 0, MAX_ITEMS)
+    bulk = services.get().bulk
     if not reason:
         raw = _fields(request.form)
-        dry = _recovery().dry_run(wanted.action, wanted.selection)
+        dry = bulk.dry_run(wanted.action, wanted.selection)
         context = _form_context(raw, dry, "Say why you are doing this; it goes in the audit log.")
         return render_template("bulk_new.html", **context), 400
-    recovery = _recovery()
-    op = recovery.create(
+    op = bulk.create(
         wanted.action,
         wanted.selection,
         actor=current_user.name,
@@ -166,7 +148,7 @@ def start() -> ResponseReturnValue:
         rate_per_second=wanted.rate,
         max_failure_rate=wanted.max_failure_pct / 100,
     )
-    runner_threads(current_app).append(recovery.spawn(op.id))
+    bulk.spawn(op.id)
     current_app.logger.info(
         "user %s started bulk %s: %s on %d instances", current_user.name, op.id, op.action, op.total
     )
@@ -177,14 +159,14 @@ def start() -> ResponseReturnValue:
 @bp.get("/bulk/<operation_id>")
 def report(operation_id: str) -> ResponseReturnValue:
     """The report: settings, live progress, and every item's outcome (paged)."""
-    recovery = _recovery()
-    op = recovery.get(operation_id)
+    bulk = services.get().bulk
+    op = bulk.get(operation_id)
     now = now_ms()
-    if request.headers.get("HX-Request") == "true":
+    if request.htmx:
         return render_template("_bulk_progress.html", op=op, now=now)
     outcome = _outcome(request.args.get("outcome", ""))
     after = _int(request.args, "after", 0, 10**9)
-    page = recovery.store.items(operation_id, outcome=outcome, after=after, limit=ITEMS_PAGE)
+    page = bulk.items(operation_id, outcome=outcome, after=after, limit=ITEMS_PAGE)
     return render_template(
         "bulk_report.html",
         op=op,
@@ -201,7 +183,7 @@ def report(operation_id: str) -> ResponseReturnValue:
 @require_role(Role.OPERATOR)
 def stop(operation_id: str) -> ResponseReturnValue:
     """Raise the stop flag; the runner (in whichever process) stops before its next item."""
-    op = _recovery().stop(operation_id, current_user.name)
+    op = services.get().bulk.stop(operation_id, current_user.name)
     current_app.logger.info("user %s stopped bulk %s", current_user.name, operation_id)
     if op.is_running:
         flash("Stop requested: the operation stops before its next instance.")
@@ -214,8 +196,8 @@ def stop(operation_id: str) -> ResponseReturnValue:
 @require_role(Role.OPERATOR)
 def resume(operation_id: str) -> ResponseReturnValue:
     """Run an interrupted operation again, in this console process."""
-    recovery = _recovery()
-    op = recovery.get(operation_id)
+    bulk = services.get().bulk
+    op = bulk.get(operation_id)
     if not op.interrupted(now_ms()):
         raise InvalidTransition(
             operation_id,
@@ -223,7 +205,7 @@ def resume(operation_id: str) -> ResponseReturnValue:
             str(op.status),
             "only an interrupted operation can be resumed; a live one is still running",
         )
-    runner_threads(current_app).append(recovery.spawn(operation_id))
+    bulk.spawn(operation_id)
     current_app.logger.info("user %s resumed bulk %s", current_user.name, operation_id)
     flash("Resumed in this console process: it goes on from the next pending instance.")
     return redirect(url_for("bulk.report", operation_id=operation_id))
@@ -320,7 +302,3 @@ def _form_context(raw: dict[str, str], dry: DryRun | None, problem: str | None) 
         "max_reason": MAX_BULK_REASON,
         "min_sample": MIN_SAMPLE,
     }
-
-
-def _recovery() -> BulkRecovery:
-    return services.get().engine.bulk_recovery()

@@ -22,11 +22,11 @@ from console import describe, services
 from console.auth import require_role
 from console.forms import ActionForm, parse_json
 from console.params import check_seen_version
+from console.services import Role
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
-from engine.interventions import Action
 from engine.model import Instance
+from engine.operations import Action
 from engine.states import SagaState
-from engine.users import Role
 
 bp = Blueprint("deadletters", __name__)
 
@@ -78,7 +78,7 @@ def dead_letters() -> ResponseReturnValue:
         known=known,
         saga_names=svc.engine.registry.names(),
         # Domain events a choreography's handler gave up on, or could not read.
-        event_letters=svc.engine.store.event_dead_letters(limit=PAGE_SIZE),
+        event_letters=svc.queries.event_dead_letters(limit=PAGE_SIZE),
     )
 
 

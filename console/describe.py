@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.interventions import Action
 from engine.model import Instance
-from engine.signals import OpenWait
+from engine.operations import Action
+from engine.queries import OpenWait
 from engine.states import Phase
 
 LABELS = {
@@ -13,7 +13,7 @@ LABELS = {
     Action.COMPENSATE: "Force-compensate",
     Action.CANCEL: "Cancel saga",
 }
-#: The button that sends a signal to a waiting step (engine.signals).
+#: The button that sends a signal to a waiting step.
 SEND_SIGNAL = "Send signal"
 
 

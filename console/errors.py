@@ -10,10 +10,10 @@ from __future__ import annotations
 from flask import Flask, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
-from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from console import services
+from console.services import DatabaseError
 from engine.errors import (
     ConcurrencyConflict,
     InvalidInput,
@@ -43,7 +43,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(InvalidTransition, _invalid_transition)
     app.register_error_handler(UnknownSaga, _unknown_saga)
     app.register_error_handler(ConcurrencyConflict, _conflict)
-    app.register_error_handler(DBAPIError, _store_down)
+    app.register_error_handler(DatabaseError, _store_down)
 
 
 def error_page(
@@ -117,7 +117,7 @@ def _conflict(exc: ConcurrencyConflict) -> ResponseReturnValue:
     ), 409
 
 
-def _store_down(exc: DBAPIError) -> ResponseReturnValue:
+def _store_down(exc: DatabaseError) -> ResponseReturnValue:
     current_app.logger.error("store error on %s", request.path, exc_info=exc)
     return error_page(
         503,

@@ -12,8 +12,8 @@ from typing import Any
 
 from flask import Flask, url_for
 
+from console.services import Role
 from engine.model import now_ms
-from engine.users import Role
 
 
 def init_app(app: Flask) -> None:

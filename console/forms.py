@@ -16,10 +16,9 @@ from wtforms import (
 )
 from wtforms.validators import DataRequired, InputRequired, Length, NumberRange
 
+from console.services import MAX_PASSWORD, MIN_PASSWORD, Role
 from engine.errors import InvalidInput
-from engine.operations import MAX_REASON
-from engine.store import dumps
-from engine.users import MAX_PASSWORD, MIN_PASSWORD, Role
+from engine.operations import MAX_REASON, check_json
 
 ROLE_CHOICES = [r.value for r in Role]
 #: JSON typed into a form longer than this is refused (the audit log keeps it too).
@@ -77,7 +76,7 @@ def parse_json(text: str) -> Any:
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
     try:
-        dumps(value)
+        check_json(value)
     except InvalidInput as exc:
         raise ValueError(f"the store cannot keep it: {exc.problem}") from None
     return value

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import DBAPIError
 
 from console import services
+from console.services import DatabaseError
 
 bp = Blueprint("health", __name__)
 
@@ -15,7 +15,7 @@ bp = Blueprint("health", __name__)
 def healthz() -> ResponseReturnValue:
     try:
         services.get().queries.list_instances(limit=1)
-    except DBAPIError as exc:
+    except DatabaseError as exc:
         # Report, don't raise: a load balancer wants a 503, not a traceback page.
         current_app.logger.warning("health check: the store is unreachable: %s", exc.orig)
         return {"status": "unavailable", "store": "unreachable"}, 503

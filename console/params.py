@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from engine.errors import InvalidInput
-from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance
-from engine.operations import check_version
+from engine.operations import AUDIT_ACTIONS, Action, check_version
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 

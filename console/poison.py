@@ -2,9 +2,10 @@
 
 What a reader on a Redis stream could not handle (a malformed command, reply,
 doorbell or event; a reply the store refused; an entry taken over too often)
-is moved to ``<prefix>:poison`` by :class:`engine.transport.redis_streams.RedisBus`. This page reads
-the newest of them with one XREVRANGE ... COUNT, so the on-call engineer the
-``SagaEntriesSetAside`` alert wakes sees them without redis-cli.
+is moved to ``<prefix>:poison`` by the Redis bus. This page reads the newest
+of them (:class:`console.services.PoisonReader`, one XREVRANGE ... COUNT), so
+the on-call engineer the ``SagaEntriesSetAside`` alert wakes sees them without
+redis-cli.
 
 Everything in a record came from Redis and is untrusted: the template escapes
 it, and :func:`visible` turns control characters into ``\\xNN`` escapes.
@@ -23,10 +24,8 @@ from flask import Blueprint, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 
 from console import services
+from console.services import PoisonReader, PoisonRecord
 from engine.errors import InvalidInput, TransportError
-from engine.transport.redis_doorbells import FIELD, is_saga_id
-from engine.transport.redis_streams import RedisBus
-from engine.transport.streams import PoisonRecord
 
 bp = Blueprint("poison", __name__)
 
@@ -93,16 +92,15 @@ class SetAside:
 def set_aside() -> ResponseReturnValue:
     """The newest poison records, newest first (``?limit=``, 1 to :data:`MAX_LIMIT`)."""
     limit = parse_limit(request.args)
-    bus = services.get().engine.bus
-    if not isinstance(bus, RedisBus):
-        # The in-process bus keeps what it sets aside in the reading process's memory only.
-        return _page(limit)
+    poison = services.get().poison
+    if poison.stream is None:
+        return _page(limit)  # no Redis: nothing is set aside where another process can read it
     try:
-        records = bus.poison_records(limit)
+        records = poison.newest(limit)
     except TransportError as exc:
         current_app.logger.warning("cannot read the poison stream: %s", exc)
-        return _page(limit, stream=bus.poison_stream, problem=str(exc)), 503
-    return _page(limit, stream=bus.poison_stream, records=[describe(r) for r in records])
+        return _page(limit, stream=poison.stream, problem=str(exc)), 503
+    return _page(limit, stream=poison.stream, records=[describe(r) for r in records])
 
 
 def _page(
@@ -135,7 +133,6 @@ def parse_limit(args: Mapping[str, str]) -> int:
 
 def describe(record: PoisonRecord) -> SetAside:
     """What the page shows of ``record``: every text made visible, the saga it names."""
-    saga_id = record.fields.get(FIELD, b"").decode("utf-8", "replace")
     return SetAside(
         id=record.id,
         at=record.at,
@@ -143,7 +140,7 @@ def describe(record: PoisonRecord) -> SetAside:
         source_id=visible(record.source_id),
         why=Why.of(record.reason),
         reason=visible(record.reason),
-        saga_id=saga_id if is_saga_id(saga_id) else None,
+        saga_id=PoisonReader.saga_id(record),
         fields=tuple(_field(name, value) for name, value in record.fields.items()),
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from engine.users import UserStore
+from console.services import UserStore
 
 
 class LoginThrottle:

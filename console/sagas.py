@@ -2,14 +2,14 @@
 
 Each view parses its input (:mod:`console.params`), asks the engine's
 queries or operations, and renders a page, or the ``_partial`` that an htmx
-request (``HX-Request`` header) swaps in.
+request (``request.htmx``) swaps in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
@@ -17,22 +17,15 @@ from console import describe, services
 from console.auth import require_role
 from console.charts import step_charts
 from console.forms import ActionForm, SignalForm
+from console.htmx import request
 from console.params import check_seen_version, parse_action, parse_list, parse_search
+from console.services import CHOREOGRAPHED, Role, Saga
 from console.timeline import build_steps, idempotency_keys
-from engine import signals
-from engine.choreography.declaration import CHOREOGRAPHED
-from engine.choreography.handlers import EventBus, choreographies_in
-from engine.choreography.operations import ChoreographyOperations
-from engine.definition import Saga
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
-from engine.interventions import Action
-from engine.loader import import_module
 from engine.model import Instance, now_ms
-from engine.queries import InstanceFilter
-from engine.signals import OpenWait
+from engine.operations import Action
+from engine.queries import InstanceFilter, OpenWait
 from engine.states import SagaState
-from engine.transport.event_log import event_log_from_settings
-from engine.users import Role
 
 bp = Blueprint("sagas", __name__)
 
@@ -76,7 +69,7 @@ def list_instances() -> ResponseReturnValue:
         "saga_names": svc.engine.registry.names(),
         "poll_seconds": int(current_app.config["SAGA_LIST_POLL_SECONDS"]),
     }
-    if _is_htmx():
+    if request.htmx:
         return render_template("_instances.html", **context)
     return render_template("instances.html", **context)
 
@@ -103,10 +96,10 @@ def instance(saga_id: str) -> ResponseReturnValue:
     """One instance: steps, attempts, payload, outputs, actions, events; polled while live."""
     svc = services.get()
     inst = svc.engine.get(saga_id)
-    if _is_htmx() and request.args.get("v") == str(inst.version):
+    if request.htmx and request.args.get("v") == str(inst.version):
         return "", 204  # nothing changed since the last poll: htmx keeps what it shows
     context = _instance_context(inst)
-    if _is_htmx():
+    if request.htmx:
         return render_template("_instance.html", **context)
     return render_template("instance.html", **context)
 
@@ -204,31 +197,31 @@ def _check_definition(inst: Instance) -> None:
         )
 
 
-# -- signals to waiting steps (engine.signals) ----------------------------------
+# -- signals to waiting steps ---------------------------------------------------
 
 
 def _open_waits(inst: Instance, defn: Saga | None) -> list[OpenWait]:
     if defn is None or not current_user.can(Role.OPERATOR):
         return []
-    return signals.open_waits(services.get().engine.collaborators, inst)
+    return services.get().signals.open_waits(inst)
 
 
 @bp.route("/sagas/<saga_id>/signals/<event>", methods=["GET", "POST"])
 @require_role(Role.OPERATOR)
 def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
     """GET: the form for the signal ``event``. POST: deliver it as the operator, audited."""
-    engine = services.get().engine
-    inst = engine.get(saga_id)
+    svc = services.get()
+    inst = svc.engine.get(saga_id)
     form = SignalForm()
     if request.method == "GET":
         check_seen_version(inst, request.args.get("version"))
         _check_definition(inst)
         form.expected_version.data = inst.version
-        return _signal_page(inst, event, form, signals.open_wait(engine.collaborators, inst, event))
+        return _signal_page(inst, event, form, svc.signals.open_wait(inst, event))
     if not form.validate_on_submit():
         return _signal_page(inst, event, form, _wait_for(inst, event)), 400
     try:
-        delivered = engine.signal(
+        delivered = svc.signals.send(
             saga_id,
             event,
             form.signal_data.data,
@@ -262,14 +255,7 @@ def _wait_for(inst: Instance, event: str) -> OpenWait | None:
     """The wait for ``event`` if it can still take a signal (a form shown again may be moot)."""
     if _definition(inst) is None:
         return None
-    return next(
-        (
-            w
-            for w in signals.open_waits(services.get().engine.collaborators, inst)
-            if w.event == event
-        ),
-        None,
-    )
+    return next((w for w in services.get().signals.open_waits(inst) if w.event == event), None)
 
 
 def _signal_sent(event: str, taken: bool, inst: Instance) -> str:
@@ -279,7 +265,7 @@ def _signal_sent(event: str, taken: bool, inst: Instance) -> str:
     return f"{who} It is stored: the step takes it when it begins waiting."
 
 
-# -- choreographed instances (engine.choreography) ------------------------------
+# -- choreographed instances -----------------------------------------------------
 
 #: What each action on a choreographed instance is called, and what it will do.
 CHOREO_ACTIONS = {
@@ -311,16 +297,7 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         raise InvalidTransition(saga_id, action_name, "-", "no such action on a choreography")
     inst = services.get().engine.get(saga_id)
     form = ActionForm()
-    label, consequence = CHOREO_ACTIONS[action_name]
-    context = {
-        "inst": inst,
-        "form": form,
-        "label": label,
-        "consequence": consequence,
-        "post_to": url_for("sagas.choreo_act", saga_id=saga_id, action_name=action_name),
-        "dangerous": action_name == "force-compensate",
-        "example_reason": "e.g. shipping lost the order (INC-1234)",
-    }
+    context = _choreo_context(inst, action_name, form)
     if request.method == "GET":
         check_seen_version(inst, request.args.get("version"))
         form.expected_version.data = inst.version
@@ -328,7 +305,7 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
     if not form.validate_on_submit():
         return render_template("confirm.html", **context), 400
     check_seen_version(inst, str(form.expected_version.data))
-    ops = _choreography_operations()
+    ops = services.get().choreography
     if action_name == "force-compensate":
         sent = ops.force_compensate(saga_id, actor=current_user.name, reason=form.reason.data)
         what = ", ".join(sent) if sent else "nothing new (each was published before)"
@@ -339,23 +316,14 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
     return redirect(url_for("sagas.instance", saga_id=saga_id))
 
 
-def _choreography_operations() -> ChoreographyOperations:
-    """The app's :class:`ChoreographyOperations` (``SAGA_CHOREOGRAPHY_OPERATIONS`` in tests),
-    else built from the engine's settings: the event bus, and the choreographies ``SAGA_APP``
-    declares."""
-    found = current_app.extensions.get("saga_choreography")
-    if found is None:
-        found = current_app.config.get("SAGA_CHOREOGRAPHY_OPERATIONS")
-    if found is None:
-        engine = services.get().engine
-        modules = [import_module(name) for name in engine.settings.app]
-        declared = [c for m in modules for c in choreographies_in(m)]
-        log_ = event_log_from_settings(engine.settings)
-        found = ChoreographyOperations(engine.store, EventBus(log_), declared)
-    current_app.extensions["saga_choreography"] = found
-    ops: ChoreographyOperations = found
-    return ops
-
-
-def _is_htmx() -> bool:
-    return request.headers.get("HX-Request") == "true"
+def _choreo_context(inst: Instance, action_name: str, form: ActionForm) -> dict[str, Any]:
+    label, consequence = CHOREO_ACTIONS[action_name]
+    return {
+        "inst": inst,
+        "form": form,
+        "label": label,
+        "consequence": consequence,
+        "post_to": url_for("sagas.choreo_act", saga_id=inst.id, action_name=action_name),
+        "dangerous": action_name == "force-compensate",
+        "example_reason": "e.g. shipping lost the order (INC-1234)",
+    }

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.definition import Saga
+from console.services import Saga
 from engine.model import EventKind, Instance, idempotency_key
 from engine.queries import EventRecord
 from engine.states import CompensationStatus, Phase, StepStatus

@@ -15,20 +15,11 @@ from engine import interventions
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
 from engine.inputs import MAX_REASON, check_text
-from engine.interventions import Action
+from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance, Transition
 from engine.registry import Registry
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport.doorbells import Transport, ring
-
-__all__ = [
-    "MAX_ACTOR",
-    "MAX_REASON",
-    "Operations",
-    "check_actor",
-    "check_reason",
-    "check_version",
-]
 
 #: The longest name of who acts, in the audit log and on the timeline.
 MAX_ACTOR = 150
@@ -212,3 +203,24 @@ def check_actor(actor: str) -> str:
     if not isinstance(actor, str) or not actor.strip() or len(actor.strip()) > MAX_ACTOR:
         raise InvalidInput("actor", f"name who is acting (1 to {MAX_ACTOR} characters)")
     return check_text("actor", actor, limit=MAX_ACTOR)
+
+
+def check_json(value: Any) -> None:
+    """InvalidInput unless the store can keep ``value`` as JSON (not NaN, no NUL character),
+    so that a form can refuse what was typed before any operation sees it."""
+    dumps(value)
+
+
+# The door's names, with the actions' vocabulary (from engine.interventions) that
+# callers of the operations name: the console and the CLI import them from here.
+__all__ = [
+    "AUDIT_ACTIONS",
+    "MAX_ACTOR",
+    "MAX_REASON",
+    "Action",
+    "Operations",
+    "check_actor",
+    "check_json",
+    "check_reason",
+    "check_version",
+]

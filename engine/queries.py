@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from engine.errors import InvalidInput
 from engine.model import EventKind
+from engine.signals import OpenWait
 from engine.states import SagaState, StepStatus
 from engine.store import Store
 from engine.store import schema as t
@@ -385,6 +386,10 @@ class Queries:
             rows = c.execute(sa.select(k.key, k.duplicates).where(k.key.in_(keys)))
             return {key: int(n) for key, n in rows}
 
+    def event_dead_letters(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Domain events a choreography's handler gave up on, or could not read; newest first."""
+        return self.store.event_dead_letters(limit)
+
 
 def _conditions(flt: InstanceFilter) -> list[Any]:
     i = t.instances.c
@@ -483,3 +488,20 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
     if not sep or not at.isdigit() or not last_id:
         raise InvalidInput("cursor", f"{cursor!r} is not a page cursor from this list")
     return int(at), last_id
+
+
+# The door's names, with the records of reads answered elsewhere (OpenWait, from
+# engine.signals) that callers name: the console and the CLI import them from here.
+__all__ = [
+    "MAX_PAGE",
+    "DeadLetterItem",
+    "DeadLetterPage",
+    "DeadLetterRecord",
+    "EventRecord",
+    "InstanceFilter",
+    "InstanceSummary",
+    "OpenWait",
+    "OperatorActionRecord",
+    "Page",
+    "Queries",
+]

@@ -18,7 +18,6 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-import console.bulk
 from engine import Action, SagaEngine, SagaState
 from engine.bulk.model import BulkFilter, BulkStatus
 from engine.queries import Queries
@@ -45,7 +44,7 @@ def start_form(count: int, **changes: Any) -> dict[str, Any]:
 
 
 def finish(app: Flask) -> None:
-    for thread in console.bulk.runner_threads(app):
+    for thread in app.extensions["saga"].bulk.runner_threads:
         thread.join(30)
         assert not thread.is_alive()
 
