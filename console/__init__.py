@@ -37,6 +37,7 @@ import console.metrics
 import console.poison
 import console.sagas
 import console.services
+from engine import __version__
 from engine.errors import InvalidInput
 
 __all__ = ["create_app"]
@@ -85,6 +86,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.add_url_rule("/", "index", console.sagas.index)
     app.after_request(_security_headers)
     app.jinja_env.globals["htmx_available"] = HTMX.is_file()
+    app.jinja_env.globals["saga_version"] = __version__
     if not HTMX.is_file():
         log.warning(
             "%s is missing (run `make setup`); the console works, but without live refresh",
