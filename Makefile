@@ -5,18 +5,21 @@
 #   make lint    ruff check, ruff format --check, mypy
 #   make bench   the benchmark in bench/ (needs PostgreSQL)
 #   make screenshots  the console's pages from the browser test, in artifacts/screenshots/
+#   make dist    the wheel and the sdist, in dist/ (docs/deploying.md)
 #
-# Set-up needs only python3 (3.11 or newer). It is redone when pyproject.toml
-# changes: the stamp file records the last successful install.
+# Set-up needs only python3 (3.11 or newer) and npm (for the console's htmx; installed
+# when run as root on Debian). It is redone when pyproject.toml, the build hook or the
+# npm lock changes: the stamp file records the last successful install.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HTMX := static/vendor/htmx.min.js
+LINKS := console/templates console/static
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test lint bench setup clean screenshots
+.PHONY: run test lint bench setup clean screenshots dist npm
 
 run: setup
 	$(BIN)/saga demo
@@ -32,16 +35,25 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/baselines.py
 
-setup: $(STAMP) $(HTMX)
+setup: $(STAMP) $(HTMX) $(LINKS)
+
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
 
 screenshots: setup
 	@command -v chromium >/dev/null || { echo "make: needs Debian's chromium: apt-get install chromium"; exit 1; }
 	$(BIN)/pytest -p no:cacheprovider tests/console/test_console_browser.py -k watch_it_complete
 	@echo "screenshots: artifacts/screenshots/"
 
-# The console's htmx: the npm package pinned in package-lock.json, copied where the
-# console serves it (static/vendor/ is git-ignored; never a CDN).
-$(HTMX): package.json package-lock.json
+# The console's htmx (the npm package pinned in package-lock.json, in static/vendor/,
+# git-ignored; never a CDN) and the links that put templates/ and static/ inside the
+# console package come from the build hook, hatch_build.py, which the editable
+# install runs. Missing ones (deleted by hand) are made by installing again.
+$(HTMX) $(LINKS) &: | $(STAMP) npm
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+
+npm:
 	@command -v npm >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "make: installing npm (for the console's htmx)"; \
@@ -49,14 +61,13 @@ $(HTMX): package.json package-lock.json
 		else \
 			echo "make: npm is needed for the console's htmx: sudo apt-get install npm"; exit 1; \
 		fi; }
-	npm ci --ignore-scripts --no-audit --no-fund
-	mkdir -p $(dir $(HTMX))
-	cp node_modules/htmx.org/dist/htmx.min.js $(HTMX)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hatch_build.py package.json package-lock.json | npm
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "make: this project needs Python 3.11 or newer as $(PYTHON)"; exit 1; }
 	@test -x $(BIN)/python || $(MAKE) --no-print-directory venv
+	@# Left by installs from before the build moved to hatchling: it would report the old version.
+	rm -rf saga_engine.egg-info
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
@@ -77,4 +88,4 @@ venv:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache saga.db saga.db-wal saga.db-shm \
-		node_modules static/vendor
+		node_modules static/vendor dist $(LINKS)

@@ -5,9 +5,14 @@ blueprints are one per area (auth, sagas, dead letters, entries set aside
 on the poison stream, bulk recovery, step-duration charts, audit, health).
 Views parse input, call :mod:`engine.operations` (writes), :mod:`engine.queries`
 (reads) and the facades :mod:`console.services` builds once, at start-up, and
-render templates from the top-level ``templates/`` folder; which engine modules
-they may import is written down in :mod:`console.services`. htmx requests and
-responses go through htmx-flask (:mod:`console.htmx`).
+render templates; which engine modules they may import is written down in
+:mod:`console.services`. htmx requests and responses go through htmx-flask
+(:mod:`console.htmx`).
+
+Templates and static files (htmx among them) load through the package,
+``importlib.resources.files("console")``: the wheel holds them in the package,
+and an editable install links them there from the top-level ``templates/``
+and ``static/`` folders (hatch_build.py), so a checkout runs the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +41,20 @@ import console.metrics
 import console.poison
 import console.sagas
 import console.services
+from engine import __version__
 from engine.errors import InvalidInput
 
 __all__ = ["create_app"]
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
-STATIC = ROOT / "static"
+
+def _packaged(folder: str) -> Path:
+    # Flask serves and renders from directories, so the package must sit on disk
+    # (an installed wheel or a checkout do; a zip import would not).
+    return Path(str(files(__name__) / folder))
+
+
+TEMPLATES = _packaged("templates")
+STATIC = _packaged("static")
 HTMX = STATIC / "vendor" / "htmx.min.js"
 
 log = logging.getLogger(__name__)
@@ -56,6 +69,7 @@ _CSP = (
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the console. ``test_config`` overrides settings (and may pass ``SAGA_ENGINE``)."""
+    _check_packaged_files()
     app = Flask(__name__, template_folder=str(TEMPLATES), static_folder=str(STATIC))
     app.config.from_mapping(_settings_from_env())
     if test_config is not None:
@@ -76,12 +90,22 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.add_url_rule("/", "index", console.sagas.index)
     app.after_request(_security_headers)
     app.jinja_env.globals["htmx_available"] = HTMX.is_file()
+    app.jinja_env.globals["saga_version"] = __version__
     if not HTMX.is_file():
         log.warning(
             "%s is missing (run `make setup`); the console works, but without live refresh",
-            HTMX.relative_to(ROOT),
+            HTMX,
         )
     return app
+
+
+def _check_packaged_files() -> None:
+    # Without its templates every page would answer 500; say why once, at start-up.
+    if not TEMPLATES.is_dir() or not STATIC.is_dir():
+        raise RuntimeError(
+            f"the console package has no templates/ or static/ at {TEMPLATES.parent}: "
+            "install the wheel, or in a checkout run `make setup` (pip install -e . links them in)"
+        )
 
 
 def _settings_from_env() -> dict[str, Any]:

@@ -38,7 +38,7 @@ class Scenario:
     weight: int
 
 
-#: The outcome mix. Faults are explained in examples/participants.py.
+#: The outcome mix. Faults are explained in engine/examples/participants.py.
 SCENARIOS = (
     Scenario("book_trip", "completes", {}, 30),
     Scenario("book_trip", "retried, then completes", {"fail": {"flight": "flaky:2"}}, 6),
@@ -69,7 +69,9 @@ SCENARIOS = (
     ),
 )
 
-EXAMPLE_MODULES = ("examples.travel_booking", "examples.order_fulfillment")
+#: The demo's sagas: shipped in the engine's own namespace, so the demo runs wherever
+#: the engine is installed, not only from a checkout.
+EXAMPLE_MODULES = ("engine.examples.travel_booking", "engine.examples.order_fulfillment")
 
 
 @dataclass(frozen=True)
