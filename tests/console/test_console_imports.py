@@ -32,7 +32,7 @@ ALLOWED = frozenset(
 )
 #: The composition places, which build the engine's objects and so import what they build
 #: from; and the CLI's side of the console (its commands build what they run).
-EXEMPT = frozenset({"__init__.py", "services.py", "commands.py"})
+EXEMPT = frozenset({"__init__.py", "services.py", "commands.py", "cli.py", "__main__.py"})
 
 
 #: Libraries behind the engine's store and transport: a view reaches them only through it.
