@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from engine.decide import Run, begin_attempt, record_failure, record_success
 from engine.errors import ConcurrencyConflict, SagaNotFound
@@ -23,6 +25,7 @@ from engine.queries import Queries
 from engine.states import Phase, SagaState, StepStatus
 from engine.store import OperatorRecord, Store, open_store
 from engine.store import schema as t
+from engine.store.schema import metadata
 from tests.helpers.pure import build_saga, fail, new_instance
 
 T = 1_700_000_000_000
@@ -521,11 +524,6 @@ class TestStoreContract:
     # -- schema ---------------------------------------------------------------------
 
     def test_the_migrations_build_exactly_the_schema_metadata(self, store_url: str) -> None:
-        from alembic.autogenerate import compare_metadata
-        from alembic.runtime.migration import MigrationContext
-
-        from engine.store.schema import metadata
-
         db = open_store(store_url).db
         try:
             with db.connect() as conn:
