@@ -258,14 +258,11 @@ class Executor:
     def _attempt(self, inst: Instance, step: _Step, conn: Connection, contain: bool) -> object:
         if not contain:
             return self._call_transactional(inst, step, conn)
-        savepoint = conn.begin_nested()
         try:
-            output = self._call_transactional(inst, step, conn)
+            with self.store.savepoint(conn):
+                return self._call_transactional(inst, step, conn)
         except _StepRaised as raised:
-            savepoint.rollback()
             return _failure(raised.exc, step)
-        savepoint.commit()
-        return output
 
     def _call_transactional(self, inst: Instance, step: _Step, conn: Connection) -> Any:
         sdef = step.defn.steps[step.run.index]

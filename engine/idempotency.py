@@ -9,21 +9,22 @@ duplicate, and returns the stored result without running the effect.
 Because the key row and the effect commit together, the effect happens once
 when it writes to the same database as the guard. For effects elsewhere (an
 HTTP call), pass the key on so the remote side can deduplicate too.
+
+The ``saga_duplicates_absorbed`` metric moves once the duplicate's
+transaction committed: the guard's own (:meth:`IdempotencyGuard.run_once`), or
+the store's (a transactional step). In a transaction of the caller's own, the
+guard cannot see the commit and counts at once.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from typing import Any, TypeVar
-
-import sqlalchemy as sa
-from sqlalchemy import Connection
-from sqlalchemy.engine import Engine as SAEngine
+from typing import TypeVar
 
 from engine import metrics
-from engine.model import now_ms
-from engine.store import schema as t
+from engine.store.commits import after_commit
+from engine.store.connection import Connection, Database
+from engine.store.keys import IdempotencyKeys
 
 T = TypeVar("T")
 
@@ -31,82 +32,33 @@ T = TypeVar("T")
 class IdempotencyGuard:
     """Runs an effect once per key; ``scope`` names the participant in the key table."""
 
-    def __init__(self, db: SAEngine, scope: str) -> None:
+    def __init__(self, db: Database, scope: str) -> None:
         self.db = db
         self.scope = scope
+        self._keys = IdempotencyKeys(db)
 
     def run_once(self, key: str, effect: Callable[[Connection], T]) -> T:
         """Run ``effect(conn)`` inside a transaction unless ``key`` was seen; return its result."""
-        with self.db.begin() as conn:
+        with self._keys.transaction() as conn:
             return self.run_once_in(conn, key, effect)
 
     def run_once_in(self, conn: Connection, key: str, effect: Callable[[Connection], T]) -> T:
         """As :meth:`run_once`, inside the caller's transaction (a transactional step)."""
-        if self._claim(conn, key):
+        if self._keys.claim(conn, key, self.scope):
             result = effect(conn)
             if result is not None:  # the claimed row's result is NULL already: a statement saved
-                conn.execute(_STORE_RESULT, {"b_key": key, "result": _jsonable(result)})
+                self._keys.store_result(conn, key, result)
             return result
-        replayed: T = self._replay(conn, key)
+        replayed: T = self._keys.replay(conn, key)
+        after_commit(conn, self._absorbed)
         return replayed
 
     def seen(self, key: str) -> bool:
-        with self.db.connect() as conn:
-            found = conn.execute(
-                sa.select(t.idempotency_keys.c.key).where(t.idempotency_keys.c.key == key)
-            ).first()
-            return found is not None
+        return self._keys.seen(key)
 
     def duplicates(self, key: str) -> int:
         """How many repeated calls with ``key`` the guard absorbed."""
-        with self.db.connect() as conn:
-            count = conn.execute(
-                sa.select(t.idempotency_keys.c.duplicates).where(t.idempotency_keys.c.key == key)
-            ).scalar()
-            return int(count or 0)
+        return self._keys.duplicates(key)
 
-    def _claim(self, conn: Connection, key: str) -> bool:
-        # Insert first: a concurrent duplicate blocks on the uncommitted row
-        # (PostgreSQL) or on the database lock (SQLite) until the first
-        # caller commits, then sees the conflict and replays its result.
-        dialect = conn.dialect.name
-        if dialect not in _CLAIM:  # pragma: no cover - only the two stores are supported
-            raise NotImplementedError(dialect)
-        row = {"key": key, "scope": self.scope, "created_at": now_ms(), "duplicates": 0}
-        # RETURNING, not rowcount: an INSERT's rowcount is not kept by SQLAlchemy
-        # (psycopg reports -1), which made every key look new on PostgreSQL.
-        return conn.execute(_CLAIM[dialect], row).first() is not None
-
-    def _replay(self, conn: Connection, key: str) -> Any:
+    def _absorbed(self) -> None:
         metrics.duplicate_absorbed(self.scope)
-        table = t.idempotency_keys
-        conn.execute(
-            table.update().where(table.c.key == key).values(duplicates=table.c.duplicates + 1)
-        )
-        return conn.execute(sa.select(table.c.result).where(table.c.key == key)).scalar()
-
-
-def _claim_statements() -> dict[str, Any]:
-    # Built once: a participant runs these for every command, and building a
-    # statement costs more CPU than running it.
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    table = t.idempotency_keys
-    return {
-        "postgresql": pg_insert(table).on_conflict_do_nothing().returning(table.c.key),
-        "sqlite": sqlite_insert(table).on_conflict_do_nothing().returning(table.c.key),
-    }
-
-
-_CLAIM = _claim_statements()
-_STORE_RESULT = (
-    t.idempotency_keys.update()
-    .where(t.idempotency_keys.c.key == sa.bindparam("b_key"))
-    .values(result=sa.bindparam("result"))
-)
-
-
-def _jsonable(value: Any) -> Any:
-    json.dumps(value)  # fail loudly, inside the transaction, on a result that is not JSON
-    return value

@@ -1,12 +1,15 @@
 """Prometheus metrics: what sagas do, counted where it happens, and gauges read from the store.
 
-Counters and histograms live in this process. The store counts what each
-stored transition did from its events (sagas started, completed,
-compensated, dead-lettered; attempts and their durations; failed
-compensations), so every path (workers, inline runs, operators, the
-sweeper) is counted once, and only what was committed; the idempotency
-guard counts the duplicates it absorbs; the sweeps time themselves. None of
-this costs a query: a loop over the transition's few events.
+Counters and histograms live in this process. What each stored transition
+did is counted from its events (sagas started, completed, compensated,
+dead-lettered; attempts and their durations; failed compensations) by
+:func:`transition_saved`, which the store calls once the transaction that
+stored the transition committed (the hook :func:`engine.store.open_store`
+gives every store it opens). So every path (workers, inline runs, operators,
+the sweeper) is counted once, and only what was committed; the idempotency
+guard counts the duplicates it absorbs, also after their commit; the sweeps
+time themselves. None of this costs a query: a loop over the transition's few
+events. This module knows nothing of the store: it is told.
 
 The gauges (instances by state, stuck instances, dead-letter depth and age)
 are read from the store when Prometheus scrapes, by :class:`StoreCollector`,
@@ -27,23 +30,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from sqlalchemy.exc import SQLAlchemyError
 
 from engine.model import Event, EventKind, Instance, now_ms
 from engine.states import Phase, SagaState
-
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from engine.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +166,14 @@ _OUTCOMES = {
 
 
 def transition_saved(old: Instance | None, new: Instance, events: Sequence[Event]) -> None:
-    """Count what a stored transition did; the store calls this after each write.
+    """Count what a stored transition did; the store calls this once its transaction
+    committed (a :data:`engine.store.TransitionHook`).
 
-    Counting what was stored (not what ran) keeps the metrics equal to the
+    Counting what was committed (not what ran) keeps the metrics equal to the
     store: an attempt whose transaction rolled back and ran again (a
-    transactional step) counts once. An attempt's duration runs from its
-    start, found in the same transition or on ``old``, to its outcome.
+    transactional step) counts once, and a transition rolled back not at all.
+    An attempt's duration runs from its start, found in the same transition or
+    on ``old``, to its outcome.
     """
     begun: dict[tuple[int | None, Phase | None, int | None], int | None] = {}
     for ev in events:
@@ -244,16 +244,26 @@ def set_aside(stream: str, why: str) -> None:
 GAUGE_STATES = (SagaState.RUNNING, SagaState.COMPENSATING, SagaState.FAILED)
 
 
-@dataclass(frozen=True)
-class LiveCounts:
-    """What the store gauges show, read in one go."""
+class LiveCounts(Protocol):
+    """What the store gauges show, read in one go (the store's ``LiveCounts``)."""
 
     #: (saga, state) -> instances, for running, compensating and failed.
-    instances: dict[tuple[str, str], int] = field(default_factory=dict)
+    @property
+    def instances(self) -> Mapping[tuple[str, str], int]: ...
+
     #: saga -> instances the stuck sweep flagged.
-    stuck: dict[str, int] = field(default_factory=dict)
+    @property
+    def stuck(self) -> Mapping[str, int]: ...
+
     #: saga -> (open dead letters, creation time of the oldest, epoch ms).
-    dead_letters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    @property
+    def dead_letters(self) -> Mapping[str, tuple[int, int]]: ...
+
+
+class LiveCountSource(Protocol):
+    """Where the gauges come from: the store (:meth:`engine.store.Store.live_counts`)."""
+
+    def live_counts(self) -> LiveCounts: ...
 
 
 class StoreCollector(Collector):
@@ -265,7 +275,7 @@ class StoreCollector(Collector):
 
     def __init__(
         self,
-        store: Store,
+        store: LiveCountSource,
         sagas: Callable[[], Iterable[str]] = tuple,
         clock: Callable[[], int] = now_ms,
     ) -> None:
@@ -277,9 +287,10 @@ class StoreCollector(Collector):
         started = time.perf_counter()
         try:
             counts = self.store.live_counts()
-        except SQLAlchemyError as exc:
-            # A scrape must answer: report the store down rather than fail the whole page.
-            log.warning("metrics: cannot read the store: %s", exc)
+        except Exception as exc:
+            # A scrape must answer, whatever failed reading the store (unreachable, a
+            # schema behind its code...): report it down in saga_store_up, and here.
+            log.warning("metrics: cannot read the store: %s: %s", type(exc).__name__, exc)
             yield _single("saga_store_up", "1 when the store answered this scrape.", 0)
             return
         yield _single("saga_store_up", "1 when the store answered this scrape.", 1)
@@ -354,8 +365,6 @@ def registry_with(*collectors: Collector) -> CollectorRegistry:
     plus ``collectors``, built per use so nothing is registered twice."""
     registry = CollectorRegistry()
     if multiprocess_dir():
-        from prometheus_client import multiprocess
-
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Forward(REGISTRY))
@@ -381,8 +390,6 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def values(text: str) -> Samples:
     """Parse a scrape into {(sample name, sorted labels): value}, for tests and checks."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     found: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -1,5 +1,7 @@
-"""Read models for the CLI and the console: lists, timelines, dead letters, audit.
+"""The read door: what the CLI and the console ask of the store, as records.
 
+Every question's SQL is the store's (:mod:`engine.store.reads`); this module
+checks what callers pass, turns rows into records, and pages with cursors.
 Lists use keyset pagination (newest first, by ``(created_at, id)``), never
 OFFSET, so page 1,000 costs what page 1 costs.
 """
@@ -9,28 +11,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
 from engine.errors import InvalidInput
-from engine.model import EventKind
 from engine.signals import OpenWait
-from engine.states import SagaState, StepStatus
+from engine.states import SagaState
 from engine.store import Store
-from engine.store import schema as t
+from engine.store.reads import InstanceFilter, Row
+
+# The door's names, with the records of reads answered elsewhere (OpenWait, from
+# engine.signals) that callers name: the console and the CLI import them from here.
+__all__ = [
+    "EVERY_INSTANCE",
+    "MAX_PAGE",
+    "DeadLetterItem",
+    "DeadLetterPage",
+    "DeadLetterRecord",
+    "EventRecord",
+    "InstanceFilter",
+    "InstanceSummary",
+    "OpenWait",
+    "OperatorActionRecord",
+    "Page",
+    "Queries",
+]
 
 MAX_PAGE = 500
-
-
-@dataclass(frozen=True)
-class InstanceFilter:
-    """Which instances to list; every field is optional."""
-
-    state: SagaState | None = None
-    saga_name: str | None = None
-    created_from: int | None = None  # epoch ms, inclusive
-    created_to: int | None = None  # epoch ms, exclusive
-    search: str | None = None  # a saga id, correlation id or business key
-    stuck: bool = False  # only instances the stuck sweep flagged (stuck_since set)
+#: The filter that lists every instance.
+EVERY_INSTANCE = InstanceFilter()
 
 
 @dataclass(frozen=True)
@@ -178,38 +184,21 @@ class Queries:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._reads = store.reads
 
     def list_instances(
-        self, flt: InstanceFilter = InstanceFilter(), *, limit: int = 50, cursor: str | None = None
+        self, flt: InstanceFilter = EVERY_INSTANCE, *, limit: int = 50, cursor: str | None = None
     ) -> Page:
         """Newest first; pass ``page.next_cursor`` back as ``cursor`` for the next page."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
-        i, s = t.instances.c, t.steps.c
-        query = (
-            sa.select(t.instances, s.name.label("current_step_name"))
-            .outerjoin(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
-            .where(*_conditions(flt))
-            .order_by(i.created_at.desc(), i.id.desc())
-            .limit(limit + 1)
-        )
-        if cursor:
-            at, last_id = _decode_cursor(cursor)
-            query = query.where(sa.tuple_(i.created_at, i.id) < sa.tuple_(at, last_id))
-        with self.store.db.connect() as c:
-            rows = c.execute(query).mappings().all()
-        items = [_summary(r) for r in rows[:limit]]
-        more = len(rows) > limit
+        _check_limit(limit)
+        after = _decode_cursor(cursor) if cursor else None
+        rows, more = self._reads.instances(flt, after, limit)
+        items = [_summary(r) for r in rows]
         return Page(items, _encode_cursor(items[-1]) if more and items else None)
 
     def counts_by_state(self, saga_name: str | None = None) -> dict[str, int]:
         """How many instances are in each state (every state present, zeros included)."""
-        i = t.instances.c
-        query = sa.select(i.state, sa.func.count()).group_by(i.state)
-        if saga_name:
-            query = query.where(i.saga_name == saga_name)
-        with self.store.db.connect() as c:
-            found: dict[str, int] = {str(k): int(v) for k, v in c.execute(query)}
+        found = self._reads.counts_by_state(saga_name)
         return {str(st): int(found.get(str(st), 0)) for st in SagaState}
 
     def counts_by_state_capped(self, cap: int, saga_name: str | None = None) -> dict[str, int]:
@@ -219,34 +208,16 @@ class Queries:
         index, so it costs the same on a store of a million instances as on a
         small one (the console shows "10,000+"); an exact count reads them all.
         """
-        i = t.instances.c
-        parts = []
-        for st in SagaState:
-            rows = sa.select(sa.literal(1).label("one")).where(i.state == str(st))
-            if saga_name:
-                rows = rows.where(i.saga_name == saga_name)
-            limited = rows.limit(cap + 1).subquery()
-            parts.append(sa.select(sa.literal(str(st)), sa.func.count()).select_from(limited))
-        with self.store.db.connect() as c:
-            found = {str(k): int(v) for k, v in c.execute(sa.union_all(*parts))}
+        found = self._reads.counts_by_state_capped(cap, saga_name)
         return {str(st): found.get(str(st), 0) for st in SagaState}
 
     def count_stuck(self, cap: int, saga_name: str | None = None) -> int:
         """Instances the stuck sweep flagged, counting at most ``cap + 1`` (its partial index)."""
-        i = t.instances.c
-        rows = sa.select(sa.literal(1).label("one")).where(i.stuck_since.is_not(None))
-        if saga_name:
-            rows = rows.where(i.saga_name == saga_name)
-        query = sa.select(sa.func.count()).select_from(rows.limit(cap + 1).subquery())
-        with self.store.db.connect() as c:
-            return int(c.execute(query).scalar_one())
+        return self._reads.count_stuck(cap, saga_name)
 
     def stuck_since(self, saga_id: str) -> int | None:
         """When the stuck sweep flagged this instance; None when it is not flagged."""
-        i = t.instances.c
-        with self.store.db.connect() as c:
-            found = c.execute(sa.select(i.stuck_since).where(i.id == saga_id)).scalar()
-        return None if found is None else int(found)
+        return self._reads.stuck_since(saga_id)
 
     def dead_lettered(
         self,
@@ -262,42 +233,11 @@ class Queries:
         the first and last failed attempt of that step and side (from the
         timeline). ``before`` is the ``next_cursor`` of the previous page.
         """
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
-        d, i = t.dead_letters.c, t.instances.c
-        query = (
-            sa.select(
-                d.id,
-                d.saga_id,
-                d.saga_name,
-                i.saga_version,
-                i.business_key,
-                i.correlation_id,
-                i.version,
-                d.step_index,
-                d.step_name,
-                d.phase,
-                d.error,
-                d.attempts,
-                d.created_at,
-            )
-            .join(t.instances, i.id == d.saga_id)
-            .where(d.resolved_at.is_(None), i.state == str(SagaState.FAILED))
-            .order_by(d.created_at.desc(), d.id.desc())
-            .limit(limit + 1)
-        )
-        if saga_name:
-            query = query.where(d.saga_name == saga_name)
-        if step_name:
-            query = query.where(d.step_name == step_name)
-        if before:
-            at, last_id = _decode_dead_letter_cursor(before)
-            query = query.where(sa.tuple_(d.created_at, d.id) < sa.tuple_(at, last_id))
-        with self.store.db.connect() as c:
-            rows = c.execute(query).mappings().all()
-            spans = _failure_spans(c, [r["saga_id"] for r in rows[:limit]])
-        items = [_dead_letter_item(r, spans) for r in rows[:limit]]
-        more = len(rows) > limit and items
+        _check_limit(limit)
+        after = _decode_dead_letter_cursor(before) if before else None
+        found = self._reads.dead_lettered(saga_name, step_name, after, limit)
+        items = [_dead_letter_item(r, found.spans) for r in found.rows]
+        more = found.more and items
         cursor = f"{items[-1].dead_lettered_at}_{items[-1].dead_letter_id}" if more else None
         return DeadLetterPage(items, cursor)
 
@@ -308,56 +248,24 @@ class Queries:
         The newest instances are picked per state through the ``(saga_name,
         state, created_at)`` index, so the cost does not grow with the store.
         """
-        i, s = t.instances.c, t.steps.c
-        newest = [
-            sa.select(i.id, i.created_at)
-            .where(i.saga_name == saga_name, i.state == str(st))
-            .order_by(i.created_at.desc())
-            .limit(limit)
-            .subquery()
-            for st in SagaState
-        ]
-        picked = sa.union_all(*[sa.select(n.c.id, n.c.created_at) for n in newest]).subquery()
-        ids = sa.select(picked.c.id).order_by(picked.c.created_at.desc()).limit(limit)
-        query = sa.select(s.name, s.finished_at - s.started_at).where(
-            s.saga_id.in_(ids),
-            s.status == str(StepStatus.SUCCEEDED),
-            s.started_at.is_not(None),
-            s.finished_at.is_not(None),
-        )
         found: dict[str, list[int]] = {}
-        with self.store.db.connect() as c:
-            for name, took in c.execute(query):
-                found.setdefault(str(name), []).append(max(int(took), 0))
+        for name, took in self._reads.recent_step_durations(saga_name, limit):
+            found.setdefault(name, []).append(max(took, 0))
         return found
 
     def saga_names(self) -> list[str]:
-        with self.store.db.connect() as c:
-            return list(
-                c.execute(
-                    sa.select(t.instances.c.saga_name).distinct().order_by(t.instances.c.saga_name)
-                ).scalars()
-            )
+        return self._reads.saga_names()
 
     def timeline(self, saga_id: str) -> list[EventRecord]:
         """Every event of one instance, oldest first."""
-        e = t.events.c
-        with self.store.db.connect() as c:
-            rows = c.execute(sa.select(t.events).where(e.saga_id == saga_id).order_by(e.id))
-            return [EventRecord(**r) for r in rows.mappings()]
+        return [EventRecord(**r) for r in self._reads.timeline(saga_id)]
 
     def dead_letters(
         self, *, saga_id: str | None = None, open_only: bool = True, limit: int = 200
     ) -> list[DeadLetterRecord]:
         """Dead-letter records, newest first."""
-        d = t.dead_letters.c
-        query = sa.select(t.dead_letters).order_by(d.id.desc()).limit(limit)
-        if saga_id:
-            query = query.where(d.saga_id == saga_id)
-        if open_only:
-            query = query.where(d.resolved_at.is_(None))
-        with self.store.db.connect() as c:
-            return [DeadLetterRecord(**r) for r in c.execute(query).mappings()]
+        rows = self._reads.dead_letters(saga_id, open_only, limit)
+        return [DeadLetterRecord(**r) for r in rows]
 
     def operator_actions(
         self,
@@ -369,48 +277,24 @@ class Queries:
         before_id: int | None = None,
     ) -> list[OperatorActionRecord]:
         """The audit log, newest first."""
-        a = t.operator_actions.c
-        query = sa.select(t.operator_actions).order_by(a.id.desc()).limit(limit)
-        for column, value in ((a.saga_id, saga_id), (a.actor, actor), (a.action, action)):
-            if value:
-                query = query.where(column == value)
-        if before_id is not None:
-            query = query.where(a.id < before_id)
-        with self.store.db.connect() as c:
-            return [OperatorActionRecord(**r) for r in c.execute(query).mappings()]
+        rows = self._reads.operator_actions(saga_id, actor, action, before_id, limit)
+        return [OperatorActionRecord(**r) for r in rows]
 
     def duplicates_absorbed(self, keys: list[str]) -> dict[str, int]:
         """Duplicate deliveries the idempotency guard absorbed, per key (guard in this store)."""
-        k = t.idempotency_keys.c
-        with self.store.db.connect() as c:
-            rows = c.execute(sa.select(k.key, k.duplicates).where(k.key.in_(keys)))
-            return {key: int(n) for key, n in rows}
+        return self._reads.duplicates_absorbed(keys)
 
     def event_dead_letters(self, limit: int = 200) -> list[dict[str, Any]]:
         """Domain events a choreography's handler gave up on, or could not read; newest first."""
         return self.store.event_dead_letters(limit)
 
 
-def _conditions(flt: InstanceFilter) -> list[Any]:
-    i = t.instances.c
-    conds: list[Any] = []
-    if flt.state is not None:
-        conds.append(i.state == str(flt.state))
-    if flt.saga_name:
-        conds.append(i.saga_name == flt.saga_name)
-    if flt.created_from is not None:
-        conds.append(i.created_at >= flt.created_from)
-    if flt.created_to is not None:
-        conds.append(i.created_at < flt.created_to)
-    if flt.search:
-        text = flt.search.strip()
-        conds.append(sa.or_(i.id == text, i.correlation_id == text, i.business_key == text))
-    if flt.stuck:
-        conds.append(i.stuck_since.is_not(None))
-    return conds
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
 
 
-def _summary(row: Any) -> InstanceSummary:
+def _summary(row: Row) -> InstanceSummary:
     return InstanceSummary(
         id=row["id"],
         saga_name=row["saga_name"],
@@ -432,26 +316,9 @@ def _summary(row: Any) -> InstanceSummary:
     )
 
 
-_FAILURE_KINDS = [
-    str(k)
-    for k in (EventKind.ATTEMPT_FAILED, EventKind.ATTEMPT_TIMED_OUT, EventKind.ATTEMPT_ABANDONED)
-]
-
-
-def _failure_spans(c: sa.Connection, saga_ids: list[str]) -> dict[tuple[str, int, str], Any]:
-    """First and last failed attempt per (saga, step, phase), from the timeline."""
-    if not saga_ids:
-        return {}
-    e = t.events.c
-    query = (
-        sa.select(e.saga_id, e.step_index, e.phase, sa.func.min(e.at), sa.func.max(e.at))
-        .where(e.saga_id.in_(saga_ids), e.kind.in_(_FAILURE_KINDS))
-        .group_by(e.saga_id, e.step_index, e.phase)
-    )
-    return {(r[0], r[1], r[2]): (r[3], r[4]) for r in c.execute(query)}
-
-
-def _dead_letter_item(row: Any, spans: dict[tuple[str, int, str], Any]) -> DeadLetterItem:
+def _dead_letter_item(
+    row: Row, spans: dict[tuple[str, int, str], tuple[int, int]]
+) -> DeadLetterItem:
     first, last = spans.get((row["saga_id"], row["step_index"], row["phase"]), (None, None))
     return DeadLetterItem(
         dead_letter_id=row["id"],
@@ -488,20 +355,3 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
     if not sep or not at.isdigit() or not last_id:
         raise InvalidInput("cursor", f"{cursor!r} is not a page cursor from this list")
     return int(at), last_id
-
-
-# The door's names, with the records of reads answered elsewhere (OpenWait, from
-# engine.signals) that callers name: the console and the CLI import them from here.
-__all__ = [
-    "MAX_PAGE",
-    "DeadLetterItem",
-    "DeadLetterPage",
-    "DeadLetterRecord",
-    "EventRecord",
-    "InstanceFilter",
-    "InstanceSummary",
-    "OpenWait",
-    "OperatorActionRecord",
-    "Page",
-    "Queries",
-]

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy import Connection
-from sqlalchemy.engine import Engine as SAEngine
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from engine.errors import InvalidInput
 from engine.model import now_ms
-from engine.store import schema as t
+from engine.store.connection import Connection, Database
+from engine.store.users import Row, UserRows
 
 #: werkzeug's hash method for new passwords; a stored hash names its own method.
 PASSWORD_HASH_METHOD = "scrypt"
@@ -80,10 +78,11 @@ class UserChange:
 
 
 class UserStore:
-    """Reads and writes the ``saga_users`` table."""
+    """Console users and their rules, over the ``saga_users`` table (:mod:`engine.store.users`)."""
 
-    def __init__(self, db: SAEngine) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
+        self._rows = UserRows(db)
 
     def add(
         self, name: str, password: str, role: Role | str, *, created_by: str | None = None
@@ -92,49 +91,45 @@ class UserStore:
         name, role = normalise_name(name), parse_role(role)
         _check_password(password)
         now = now_ms()
-        with self.db.begin() as c:
-            if self._row(c, name) is not None:
+        with self._rows.transaction() as c:
+            if self._rows.by_name(c, name) is not None:
                 raise InvalidInput("user name", f"{name!r} is taken")
-            c.execute(
-                t.users.insert().values(
-                    name=name,
-                    password_hash=generate_password_hash(password, method=PASSWORD_HASH_METHOD),
-                    role=str(role),
-                    disabled=False,
-                    created_at=now,
-                    updated_at=now,
-                    created_by=created_by,
-                )
+            self._rows.insert(
+                c,
+                name=name,
+                password_hash=generate_password_hash(password, method=PASSWORD_HASH_METHOD),
+                role=str(role),
+                disabled=False,
+                created_at=now,
+                updated_at=now,
+                created_by=created_by,
             )
-            _record(c, now, created_by or "api", "add", name, {"role": str(role)})
-            return _user(self._row(c, name))
+            self._record(c, now, created_by or "api", "add", name, {"role": str(role)})
+            return _user(self._rows.by_name(c, name))
 
     def get(self, user_id: int) -> User | None:
-        with self.db.connect() as c:
-            row = c.execute(sa.select(t.users).where(t.users.c.id == user_id)).mappings().first()
+        with self._rows.connection() as c:
+            row = self._rows.by_id(c, user_id)
         return _user(row) if row is not None else None
 
     def by_name(self, name: str) -> User | None:
-        with self.db.connect() as c:
-            row = self._row(c, name.strip().lower())
+        with self._rows.connection() as c:
+            row = self._rows.by_name(c, name.strip().lower())
         return _user(row) if row is not None else None
 
     def list_users(self) -> list[User]:
-        with self.db.connect() as c:
-            rows = c.execute(sa.select(t.users).order_by(t.users.c.name)).mappings()
-            return [_user(r) for r in rows]
+        with self._rows.connection() as c:
+            return [_user(r) for r in self._rows.all(c)]
 
     def authenticate(self, name: str, password: str) -> User | None:
         """The enabled user with this name and password, or None; records the sign-in time."""
-        with self.db.begin() as c:
-            row = self._row(c, name.strip().lower())
+        with self._rows.transaction() as c:
+            row = self._rows.by_name(c, name.strip().lower())
             stored = row["password_hash"] if row is not None else _DUMMY_HASH
             matches = check_password_hash(stored, password)
             if row is None or not matches or row["disabled"]:
                 return None
-            c.execute(
-                t.users.update().where(t.users.c.id == row["id"]).values(last_login_at=now_ms())
-            )
+            self._rows.update(c, row["id"], last_login_at=now_ms())
             return _user(row)
 
     # -- failed sign-ins, for the console's throttle -------------------------------
@@ -142,23 +137,14 @@ class UserStore:
     def recent_login_failures(self, key: str, since: int, limit: int) -> list[int]:
         """When ``key`` last failed to sign in, at or after ``since``: up to ``limit``
         times, newest first."""
-        f = t.login_failures.c
-        query = (
-            sa.select(f.at).where(f.key == key, f.at >= since).order_by(f.at.desc()).limit(limit)
-        )
-        with self.db.connect() as c:
-            return list(c.execute(query).scalars())
+        return self._rows.recent_login_failures(key, since, limit)
 
     def record_login_failure(self, key: str, at: int, forget_before: int) -> None:
         """Note a failed sign-in, and forget every failure older than ``forget_before``."""
-        f = t.login_failures.c
-        with self.db.begin() as c:
-            c.execute(t.login_failures.insert().values(key=key, at=at))
-            c.execute(t.login_failures.delete().where(f.at < forget_before))
+        self._rows.record_login_failure(key, at, forget_before)
 
     def clear_login_failures(self, key: str) -> None:
-        with self.db.begin() as c:
-            c.execute(t.login_failures.delete().where(t.login_failures.c.key == key))
+        self._rows.clear_login_failures(key)
 
     def set_role(self, name: str, role: Role | str, *, actor: str = "api") -> User:
         """Change a user's role; refuses to demote the last enabled admin."""
@@ -179,41 +165,43 @@ class UserStore:
 
     def recent_changes(self, limit: int = 50) -> list[UserChange]:
         """The newest ``limit`` changes to users, newest first."""
-        u = t.user_changes.c
-        query = sa.select(t.user_changes).order_by(u.at.desc(), u.id.desc()).limit(limit)
-        with self.db.connect() as c:
-            return [
-                UserChange(r.at, r.actor, r.action, r.user_name, r.detail) for r in c.execute(query)
-            ]
+        with self._rows.connection() as c:
+            rows = self._rows.recent_changes(c, limit)
+        return [
+            UserChange(r["at"], r["actor"], r["action"], r["user_name"], r["detail"]) for r in rows
+        ]
 
     def count(self) -> int:
-        with self.db.connect() as c:
-            return int(c.execute(sa.select(sa.func.count()).select_from(t.users)).scalar_one())
+        with self._rows.connection() as c:
+            return self._rows.count(c)
 
     def _update(self, name: str, values: dict[str, Any], change: _Change, *, demotes: bool) -> User:
         name = name.strip().lower()
         now = now_ms()
-        with self.db.begin() as c:
-            row = self._row(c, name)
+        with self._rows.transaction() as c:
+            row = self._rows.by_name(c, name)
             if row is None:
                 raise InvalidInput("user name", f"no user named {name!r}")
-            if demotes and _is_enabled_admin(row) and self._enabled_admins(c) <= 1:
+            last = demotes and _is_enabled_admin(row)
+            if last and self._rows.count_enabled(c, str(Role.ADMIN)) <= 1:
                 raise InvalidInput(
                     "user", f"{name!r} is the last enabled admin; make someone else admin first"
                 )
-            c.execute(
-                t.users.update().where(t.users.c.id == row["id"]).values(updated_at=now, **values)
-            )
-            _record(c, now, change.actor, change.action, name, change.detail(row))
-            return _user(self._row(c, name))
+            self._rows.update(c, row["id"], updated_at=now, **values)
+            self._record(c, now, change.actor, change.action, name, change.detail(row))
+            return _user(self._rows.by_name(c, name))
 
-    def _row(self, c: Connection, name: str) -> Any:
-        return c.execute(sa.select(t.users).where(t.users.c.name == name)).mappings().first()
-
-    def _enabled_admins(self, c: Connection) -> int:
-        u = t.users.c
-        query = sa.select(sa.func.count()).where(u.role == str(Role.ADMIN), u.disabled.is_(False))
-        return int(c.execute(query).scalar_one())
+    def _record(
+        self,
+        c: Connection,
+        at: int,
+        actor: str,
+        action: str,
+        user: str,
+        detail: dict[str, Any] | None,
+    ) -> None:
+        actor = (actor or "").strip()[:200] or "api"
+        self._rows.record_change(c, at, actor, action, user, detail)
 
 
 @dataclass(frozen=True)
@@ -222,18 +210,7 @@ class _Change:
 
     actor: str
     action: str
-    detail: Callable[[Any], dict[str, Any] | None]
-
-
-def _record(
-    c: Connection, at: int, actor: str, action: str, user: str, detail: dict[str, Any] | None
-) -> None:
-    actor = (actor or "").strip()[:200] or "api"
-    c.execute(
-        t.user_changes.insert().values(
-            at=at, actor=actor, action=action, user_name=user, detail=detail
-        )
-    )
+    detail: Callable[[Row], dict[str, Any] | None]
 
 
 def normalise_name(name: str) -> str:
@@ -261,11 +238,12 @@ def _check_password(password: str) -> None:
         raise InvalidInput("password", f"use {MIN_PASSWORD} to {MAX_PASSWORD} characters")
 
 
-def _is_enabled_admin(row: Any) -> bool:
+def _is_enabled_admin(row: Row) -> bool:
     return bool(row["role"] == str(Role.ADMIN) and not row["disabled"])
 
 
-def _user(row: Any) -> User:
+def _user(row: Row | None) -> User:
+    assert row is not None
     return User(
         id=int(row["id"]),
         name=row["name"],

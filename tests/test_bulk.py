@@ -36,6 +36,7 @@ from engine import (
 from engine.bulk.model import MIN_SAMPLE, BulkFilter, BulkStatus, ItemOutcome, SelectionChanged
 from engine.bulk.runner import RateLimiter
 from engine.cli import main
+from engine.errors import ConcurrencyConflict
 from engine.model import Instance
 from engine.queries import Queries
 from engine.store import schema as t
@@ -482,7 +483,6 @@ def test_an_edit_is_refused_when_stale_unchanged_or_not_json(engine: SagaEngine)
     with pytest.raises(InvalidInput):
         ops.edit_and_retry(inst.id, {"x": float("nan")}, actor="ann", reason="r")
     ops.retry(inst.id, actor="bob", reason="try as is")
-    from engine.errors import ConcurrencyConflict
 
     with pytest.raises(ConcurrencyConflict):
         ops.edit_and_retry(

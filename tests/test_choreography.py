@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import engine.users
 import examples.order_fulfillment_choreography as example
 from engine import metrics
 from engine.choreography.declaration import CHOREOGRAPHED, Choreography, ChoreoStep, DomainEvent
@@ -27,6 +28,7 @@ from engine.states import CompensationStatus, Phase, SagaState, StepStatus
 from engine.store import Store, open_store
 from engine.transport.event_log import EventLog, InProcessEventLog, RedisEventLog
 from tests.conftest import empty_tables
+from tests.console.support import make_app, make_engine, sign_in
 from tests.helpers.procs import Processes, participant
 
 ORDER = Choreography(
@@ -651,9 +653,6 @@ def test_force_compensate_publishes_each_compensating_event_once(sqlite_url: str
 def test_the_console_marks_a_choreographed_instance_and_force_compensates_it(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.users
-    from tests.console.support import make_app, make_engine, sign_in
-
     monkeypatch.setattr(engine.users, "PASSWORD_HASH_METHOD", "pbkdf2:sha256:1000")
     saga_engine = make_engine(sqlite_url)
     log_ = InProcessEventLog()

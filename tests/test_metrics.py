@@ -18,6 +18,7 @@ import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from engine import (
     Retry,
     Saga,
     SagaEngine,
+    SagaState,
     Settings,
     StepContext,
     metrics,
 )
 from engine.metrics import Samples, StoreCollector, total
+from engine.model import Event, EventKind, Transition
 from engine.store import schema as t
 from tests.conftest import IN_CI
 from tests.helpers.sweeps import World, saga, wait_for_line
@@ -183,6 +186,23 @@ def test_a_transactional_attempt_run_again_after_a_rollback_counts_once(world: W
     assert_attempts_match_the_timeline(engine, "m_ledger", before, after)
 
 
+def test_a_transition_rolled_back_is_not_counted(world: World) -> None:
+    engine = world.engine(saga("m_undone"))
+    inst = engine.start("m_undone", {}).instance
+    finished = replace(inst, state=SagaState.COMPLETED, updated_at=inst.updated_at + 1)
+    done = Transition(finished, (Event(EventKind.SAGA_COMPLETED),))
+    before = scrape(engine)
+
+    with pytest.raises(RuntimeError), engine.store.transaction() as conn:
+        engine.store.save(inst, done, "test", conn=conn)
+        raise RuntimeError("what came after the save failed: the save rolls back too")
+
+    assert delta(before, scrape(engine), "saga_completed_total", saga="m_undone") == 0
+    with engine.store.transaction() as conn:
+        engine.store.save(inst, done, "test", conn=conn)
+    assert delta(before, scrape(engine), "saga_completed_total", saga="m_undone") == 1
+
+
 def test_finished_instances_are_not_counted_by_the_gauges(world: World) -> None:
     engine = world.engine(saga("m_done"))
     for _ in range(3):
@@ -206,6 +226,24 @@ def test_duplicate_deliveries_absorbed_by_the_guard_are_counted(world: World) ->
 
     after = scrape(engine)
     assert delta(before, after, "saga_duplicates_absorbed_total", scope="m_hotel") == 2
+
+
+def test_a_duplicate_in_a_rolled_back_transaction_is_not_counted(world: World) -> None:
+    engine = world.engine()
+    guard = IdempotencyGuard(engine.store.db, "m_rolled")
+    key = "trip-9:hotel:action"
+    guard.run_once(key, lambda conn: {"room": 7})
+    before = scrape(engine)
+
+    with pytest.raises(RuntimeError), engine.store.transaction() as conn:
+        assert guard.run_once_in(conn, key, lambda conn: {"room": 8}) == {"room": 7}
+        raise RuntimeError("the transactional step failed after the guard")
+
+    assert delta(before, scrape(engine), "saga_duplicates_absorbed_total", scope="m_rolled") == 0
+    assert guard.duplicates(key) == 0
+    with engine.store.transaction() as conn:
+        guard.run_once_in(conn, key, lambda conn: {"room": 8})
+    assert delta(before, scrape(engine), "saga_duplicates_absorbed_total", scope="m_rolled") == 1
 
 
 def test_sweeps_report_their_durations(world: World) -> None:

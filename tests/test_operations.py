@@ -7,6 +7,7 @@ raises a clear error and writes nothing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -395,8 +396,6 @@ def test_force_compensate_racing_a_worker_undoes_the_step_in_flight(
 
 
 def test_racing_operators_on_one_instance_apply_exactly_one_action(engine: SagaEngine) -> None:
-    import threading
-
     inst = waiting(engine)
     barrier = threading.Barrier(4)
     outcomes: list[str] = []

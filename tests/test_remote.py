@@ -21,15 +21,19 @@ import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from engine import DefinitionError, Saga, SagaEngine, SagaState, StepContext, metrics
+from engine import DefinitionError, Saga, SagaEngine, SagaState, Settings, StepContext, metrics
 from engine.cli import main
+from engine.decide import record_success
+from engine.definition import Remote
+from engine.errors import ConcurrencyConflict
 from engine.queries import EventRecord
-from engine.remote.messages import Command
+from engine.remote.messages import BadMessage, Command, Outcome, Reply
 from engine.remote.participant import ParticipantService
-from engine.remote.replies import ReplyListener
+from engine.remote.replies import Handled, ReplyHandler, ReplyListener
 from engine.states import Phase
 from engine.transport.commands import PARTICIPANTS, WORKERS, CommandBus, InProcessBus
 from engine.transport.redis_streams import RedisBus
+from examples import remote_participants, travel_booking_remote
 from tests.conftest import empty_tables
 from tests.helpers.deploy import Deployment
 from tests.helpers.engines import timeline, wait_for, wait_state
@@ -114,7 +118,6 @@ def test_a_remote_step_is_neither_transactional_nor_undone_by_a_function() -> No
     handle = saga.remote_step("hotel", "hotel.reserve")
     with pytest.raises(DefinitionError, match="undone by a command"):
         handle.compensate(lambda ctx, out: None)
-    from engine.definition import Remote
 
     with pytest.raises(DefinitionError, match="cannot be transactional"):
         saga.add_step("b", lambda ctx: None, transactional=True, remote=Remote("b.go"))
@@ -303,9 +306,6 @@ def test_in_process_and_remote_steps_mix(embedded: Deployment, participant: Part
 def test_a_batch_of_replies_is_recorded_in_one_go(
     embedded: Deployment, participant: Participant
 ) -> None:
-    from engine.remote.messages import Outcome, Reply
-    from engine.remote.replies import Handled, ReplyHandler
-
     engine = embedded.engine(remote_travel())
     ids = [engine.start("rtravel", {}).id for _ in range(3)]  # each sends its hotel command
     bus = embedded.bus
@@ -332,9 +332,6 @@ def test_a_batch_of_replies_is_recorded_in_one_go(
 
 
 def test_a_stale_batch_is_refused_whole(embedded: Deployment) -> None:
-    from engine.decide import record_success
-    from engine.errors import ConcurrencyConflict
-
     engine = embedded.engine(remote_travel())
     first, second = (engine.get(engine.start("rtravel", {}).id) for _ in range(2))
     defn = engine.registry.latest("rtravel")
@@ -497,8 +494,6 @@ def test_malformed_commands_and_replies_become_poison_records(
 def test_a_reply_the_store_could_not_keep_is_set_aside(
     embedded: Deployment, body: dict[str, Any], problem: str
 ) -> None:
-    from engine.remote.messages import BadMessage, Outcome, Reply
-
     engine = embedded.engine(remote_travel())
     bus = embedded.bus
     saga_id = engine.start("rtravel", {}).id
@@ -519,8 +514,6 @@ def test_a_reply_the_store_could_not_keep_is_set_aside(
 
 
 def test_a_reply_the_store_refuses_does_not_hold_up_the_batch(embedded: Deployment) -> None:
-    from engine.remote.messages import Outcome, Reply
-
     engine = embedded.engine(remote_travel())
     bus = embedded.bus
     ids = [engine.start("rtravel", {}).id for _ in range(3)]
@@ -664,9 +657,6 @@ def test_saga_participant_refuses_a_service_it_has_no_handlers_for(
 
 
 def test_the_remote_example_runs_without_redis(sqlite_url: str) -> None:
-    from engine import Settings
-    from examples import remote_participants, travel_booking_remote
-
     engine = SagaEngine(
         [travel_booking_remote.book_trip_remote],
         settings=Settings(database_url=sqlite_url, poll_seconds=0.05),

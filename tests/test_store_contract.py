@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from engine.decide import Run, begin_attempt, record_failure, record_success
 from engine.errors import ConcurrencyConflict, SagaNotFound
@@ -23,6 +25,7 @@ from engine.queries import Queries
 from engine.states import Phase, SagaState, StepStatus
 from engine.store import OperatorRecord, Store, open_store
 from engine.store import schema as t
+from engine.store.schema import metadata
 from tests.helpers.pure import build_saga, fail, new_instance
 
 T = 1_700_000_000_000
@@ -288,6 +291,62 @@ class TestStoreContract:
         last = Queries(store).timeline(inst.id)[-1]
         assert (last.kind, last.at, last.detail) == ("result_discarded", T + 9, {"why": "late"})
 
+    # -- what a stored transition sets off happens after its commit ------------------
+
+    @pytest.fixture
+    def told(self, store_url: str) -> Iterator[tuple[Store, list[tuple[str, int]]]]:
+        """A store that notes each transition it is told of: (instance id, version)."""
+        seen: list[tuple[str, int]] = []
+        store = open_store(
+            store_url,
+            on_transition=lambda old, new, evs: seen.append(
+                (new.id, 0 if old is None else old.version + 1)
+            ),
+        )
+        yield store, seen
+        store.dispose()
+
+    def test_a_transition_is_told_once_its_transaction_committed(
+        self, told: tuple[Store, list[tuple[str, int]]]
+    ) -> None:
+        store, seen = told
+        inst, _ = store.create(fresh(), "api")
+        assert seen == [(inst.id, 0)]
+        with store.transaction() as conn:
+            store.save(inst, started(inst, T + 1), "w1", conn=conn)
+            assert seen == [(inst.id, 0)]  # not before the commit
+        assert seen == [(inst.id, 0), (inst.id, 2)]
+
+    def test_a_rolled_back_transition_is_never_told(
+        self, told: tuple[Store, list[tuple[str, int]]]
+    ) -> None:
+        store, seen = told
+        inst, _ = store.create(fresh(), "api")
+        other = fresh()
+        with pytest.raises(RuntimeError), store.transaction() as conn:
+            store.save(inst, started(inst, T + 1), "w1", conn=conn)
+            store.create(other, "api", conn=conn)
+            store.save_many([(other.instance, started(other.instance, T + 2))], "w1", conn)
+            raise RuntimeError("the step failed after the saves")
+        with pytest.raises(ConcurrencyConflict):
+            store.save(replace(inst, version=7), started(inst, T + 3), "w1")
+        assert seen == [(inst.id, 0)]
+        assert store.load(inst.id) == inst
+
+    def test_a_rolled_back_savepoint_forgets_what_it_stored(
+        self, told: tuple[Store, list[tuple[str, int]]]
+    ) -> None:
+        store, seen = told
+        one, _ = store.create(fresh(), "api")
+        two, _ = store.create(fresh(), "api")
+        with store.transaction() as conn:
+            store.save(one, started(one, T + 1), "w1", conn=conn)
+            with pytest.raises(RuntimeError), store.savepoint(conn):
+                store.save(two, started(two, T + 1), "w1", conn=conn)
+                raise RuntimeError("this attempt failed: undo its writes")
+        assert seen == [(one.id, 0), (two.id, 0), (one.id, 2)]
+        assert store.load(two.id) == two
+
     # -- save_many (a batch of recorded replies) -------------------------------------
 
     def test_save_many_stores_successive_changes_of_one_instance_and_others(
@@ -465,11 +524,6 @@ class TestStoreContract:
     # -- schema ---------------------------------------------------------------------
 
     def test_the_migrations_build_exactly_the_schema_metadata(self, store_url: str) -> None:
-        from alembic.autogenerate import compare_metadata
-        from alembic.runtime.migration import MigrationContext
-
-        from engine.store.schema import metadata
-
         db = open_store(store_url).db
         try:
             with db.connect() as conn:

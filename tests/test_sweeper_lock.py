@@ -25,6 +25,7 @@ from engine import SagaEngine
 from engine.queries import Queries
 from engine.store.leader import PostgresLock
 from engine.sweeper.passes import SWEEPER
+from tests.conftest import empty_tables
 from tests.helpers.sweeps import World, begun_by_a_dead_worker, saga, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +119,6 @@ def test_a_sweeper_process_holds_the_lead_until_it_stops(world: World) -> None:
 
 @pytest.mark.postgres
 def test_a_leader_whose_connection_dies_is_replaced(pg_url: str) -> None:
-    from tests.conftest import empty_tables
-
     empty_tables(pg_url)
     world = World(pg_url)
     try:

@@ -404,9 +404,9 @@ def test_retention_purges_in_bounded_batches(world: World) -> None:
         engine.run("trip", {})
     world.clock.advance(days=2)
 
-    assert engine.store.purge_finished(world.clock.now, limit=2) == 2
-    assert engine.store.purge_finished(world.clock.now, limit=10) == 3
-    assert engine.store.purge_finished(world.clock.now, limit=10) == 0
+    assert engine.store.sweeps.purge_finished(world.clock.now, limit=2) == 2
+    assert engine.store.sweeps.purge_finished(world.clock.now, limit=10) == 3
+    assert engine.store.sweeps.purge_finished(world.clock.now, limit=10) == 0
 
 
 def test_retention_is_off_unless_configured(world: World) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.errors import (
     InvalidInput,
@@ -16,10 +17,6 @@ from engine.errors import (
 from engine.interventions import Action
 from engine.operations import MAX_REASON
 from engine.states import SagaState
-
-if TYPE_CHECKING:
-    pass
-
 
 #: An operation holds at most this many instances; narrow the filter for more.
 MAX_ITEMS = 100_000
@@ -168,8 +165,6 @@ class BulkFilter:
 
 
 def _span(start: int | None, end: int | None) -> str:
-    from datetime import UTC, datetime
-
     def show(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -13,13 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.errors import DefinitionError
-
-if TYPE_CHECKING:
-    pass
-
 
 #: The value of ``saga_instances.kind`` for instances the tracker keeps.
 CHOREOGRAPHED = "choreographed"

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from engine.choreography.declaration import Choreography, DomainEvent
 from engine.choreography.tracker import Tracker
@@ -50,9 +50,6 @@ from engine.idempotency import IdempotencyGuard
 from engine.model import now_ms
 from engine.transport.event_log import EventLog
 from engine.transport.streams import Entry
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

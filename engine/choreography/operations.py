@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.choreography.declaration import Choreography
 from engine.choreography.handlers import EventBus
@@ -14,9 +14,8 @@ from engine.errors import InvalidInput, InvalidTransition
 from engine.idempotency import IdempotencyGuard
 from engine.interventions import FORCE_COMPENSATE, REPUBLISH
 from engine.model import now_ms
-
-if TYPE_CHECKING:
-    from engine.store import Store
+from engine.queries import Queries
+from engine.store import OperatorRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +44,6 @@ class ChoreographyOperations:
 
     def force_compensate(self, saga_id: str, *, actor: str, reason: str) -> list[str]:
         """Publish the compensating events still to go; returns those published now."""
-        from engine.store import OperatorRecord
-
         inst, decl = self._choreographed(saga_id, "force-compensate", reason)
         published: list[str] = []
         data = {**(inst.payload or {}), "forced": True, "forced_by": actor, "reason": reason}
@@ -72,9 +69,6 @@ class ChoreographyOperations:
 
     def republish_last(self, saga_id: str, *, actor: str, reason: str) -> str:
         """Publish the last event the instance moved on again, same id and data; its type."""
-        from engine.queries import Queries
-        from engine.store import OperatorRecord
-
         inst, _ = self._choreographed(saga_id, "re-publish", reason)
         last = None
         for record in Queries(self.store).timeline(saga_id):

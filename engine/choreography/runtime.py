@@ -14,9 +14,6 @@ import time
 import traceback
 from collections.abc import Iterable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from engine import metrics
 from engine.choreography.declaration import Choreography, DomainEvent
@@ -37,11 +34,9 @@ from engine.choreography.tracker import Tracker
 from engine.errors import TransportError
 from engine.idempotency import IdempotencyGuard
 from engine.model import now_ms
+from engine.store import Store, StoreError
 from engine.transport.event_log import EventLog
 from engine.transport.streams import Entry
-
-if TYPE_CHECKING:
-    from engine.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +145,7 @@ class EventRuntime:
     def _flag_stuck(self, tracker: Tracker) -> None:
         try:
             flagged = tracker.flag_stuck(now_ms())
-        except SQLAlchemyError as exc:
+        except StoreError as exc:
             log.warning("could not look for stuck choreographies: %s", exc)
             return
         if flagged:

@@ -9,15 +9,11 @@ and timeline. No I/O here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.choreography.declaration import CHOREOGRAPHED, Choreography, DomainEvent
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id
 from engine.states import CompensationStatus, Phase, SagaState, StepStatus
-
-if TYPE_CHECKING:
-    pass
-
 
 _KEY_PREFIX = "choreo:"
 

@@ -8,17 +8,13 @@ and saved with a version check, so concurrent handlers never overwrite each othe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from engine.choreography.declaration import TRACKER, Choreography, DomainEvent
 from engine.choreography.track import instance_key, missing_compensations, track
 from engine.errors import ConcurrencyConflict, DefinitionError
 from engine.model import Instance
 from engine.states import SagaState
-
-if TYPE_CHECKING:
-    from engine.store import Store
-
+from engine.store import Store, StuckMark
 
 # -- the tracker: the pure core on top of the store -------------------------
 
@@ -83,11 +79,9 @@ class Tracker:
         and a ``stuck_detected`` timeline event naming the missing event; the
         next event that moves the instance clears it.
         """
-        from engine.store import StuckMark
-
         by_name = {d.name: d for d in self.by_type.values()}
         marks = []
-        for found in self.store.stuck_candidates(now, self.stuck_rules(), limit):
+        for found in self.store.sweeps.stuck_candidates(now, self.stuck_rules(), limit):
             decl = by_name[found.saga_name]
             step = decl.steps[found.current_step]
             inst = self.store.load(found.id)
@@ -106,4 +100,4 @@ class Tracker:
                 "action": "none",
             }
             marks.append(StuckMark(found, step.name, detail))
-        return self.store.mark_stuck(marks, now, TRACKER) if marks else []
+        return self.store.sweeps.mark_stuck(marks, now, TRACKER) if marks else []

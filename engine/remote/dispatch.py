@@ -111,7 +111,7 @@ def resend_in_flight(collaborators: Collaborators, *, batch: int = 500) -> int:
         return 0
     now = c.clock()
     dispatcher = Dispatcher(c.bus, c.clock)
-    ids = c.store.remote_attempts_in_flight(now, remote, batch)
+    ids = c.store.sweeps.remote_attempts_in_flight(now, remote, batch)
     sent = 0
     for first in range(0, len(ids), batch):
         attempts = []

@@ -10,17 +10,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.definition import StepContext
 from engine.model import Failure
 from engine.states import Phase
 from engine.store import dumps, has_nul
 from engine.transport.redis_doorbells import is_saga_id
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Version of the field layout of commands and replies.
 WIRE_VERSION = "1"

@@ -38,9 +38,6 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection
-from sqlalchemy.exc import SQLAlchemyError
-
 from engine import metrics
 from engine.collaborators import Collaborators
 from engine.decide import Run, begin_attempt, decide, record_failure, record_success, reply_problem
@@ -50,7 +47,7 @@ from engine.logs import bound
 from engine.model import Event, EventKind, Instance, Transition
 from engine.remote.dispatch import Dispatcher, resend_in_flight
 from engine.remote.messages import BadMessage, Outcome, Reply
-from engine.store import refused_for_its_data, retry_on_disconnect
+from engine.store import Connection, StoreError, refused_for_its_data, retry_on_disconnect
 from engine.transport.commands import WORKERS, read_wait
 from engine.transport.doorbells import ring
 from engine.transport.streams import Entry
@@ -99,7 +96,7 @@ class ReplyHandler:
         replies are recorded, with the commands that follow in one round trip.
         If an instance changed under the batch (a worker timed its attempt out
         meanwhile), the batch is rolled back and each reply is handled on its
-        own. Raises SQLAlchemyError if the store refused: nothing was written
+        own. Raises StoreError if the store refused: nothing was written
         and nothing acknowledged, so the replies can be handled again later.
         """
         try:
@@ -291,7 +288,7 @@ class ReplyListener:
                 outcomes = self.handler.handle_batch(
                     [reply for _, reply in good], [entry for entry, _ in good]
                 )
-            except SQLAlchemyError as exc:
+            except StoreError as exc:
                 if refused_for_its_data(exc):
                     self._isolate(good)
                     return
@@ -324,7 +321,7 @@ class ReplyListener:
         for entry, reply in batch:
             try:
                 outcome = self.handler.handle_batch([reply], [entry])
-            except SQLAlchemyError as exc:
+            except StoreError as exc:
                 if not refused_for_its_data(exc):
                     continue  # stays pending; taken over once the store is back
                 self._poison(entry, f"the store refused it: {_first_line(exc)}", "refused")
@@ -352,10 +349,10 @@ class ReplyListener:
         self._groups_seen = made
         try:
             resend_in_flight(self.collaborators)
-        except (SQLAlchemyError, TransportError) as exc:
+        except (StoreError, TransportError) as exc:
             log.warning("could not send the commands in flight again: %s", exc)
 
 
-def _first_line(exc: SQLAlchemyError) -> str:
+def _first_line(exc: StoreError) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__

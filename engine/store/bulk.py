@@ -7,7 +7,7 @@ restart and be stopped or resumed from any process.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine as SAEngine
@@ -30,10 +30,6 @@ from engine.errors import (
 from engine.interventions import Action
 from engine.states import SagaState
 from engine.store import schema as t
-
-if TYPE_CHECKING:
-    pass
-
 
 # -- SQL -------------------------------------------------------------------------
 

@@ -16,16 +16,13 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine.store import Store
-
-if TYPE_CHECKING:
-    pass
+from engine.store.instances import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from engine.store.urls import normalise_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -29,11 +33,6 @@ def downgrade(url: str, revision: str) -> None:
 
 def current(url: str) -> str | None:
     """The revision the store at ``url`` is at, or None before the first migration."""
-    from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
-
-    from engine.store import normalise_url
-
     engine = create_engine(normalise_url(url))
     try:
         with engine.connect() as conn:

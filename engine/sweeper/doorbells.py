@@ -29,7 +29,7 @@ def recover(collaborators: Collaborators, *, batch: int = 500) -> int:
     after: tuple[int, str] | None = None
     published = 0
     while True:
-        page = c.store.due_unleased(now, after, batch)
+        page = c.store.sweeps.due_unleased(now, after, batch)
         for _, saga_id in page:
             c.transport.publish(saga_id)
         published += len(page)

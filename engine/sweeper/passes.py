@@ -110,10 +110,10 @@ class Sweeps:
         now = self.clock()
         counts = {"settled": 0, "leases_cleared": 0, "rung": 0}
         seen: set[str] = set()
-        for found in self.store.expired_leases(now, self.batch):
+        for found in self.store.sweeps.expired_leases(now, self.batch):
             seen.add(found.id)
             self._redispatch(found, now, counts, expired=True)
-        for found in self.store.overdue(now, now - self.redispatch_ms, self.batch):
+        for found in self.store.sweeps.overdue(now, now - self.redispatch_ms, self.batch):
             if found.id not in seen:
                 self._redispatch(found, now, counts, expired=False)
         return counts
@@ -145,10 +145,10 @@ class Sweeps:
         now = self.clock()
         # First the flags lifted since the last pass, so the timeline says when an
         # instance got going again (before it could be flagged anew).
-        cleared = self.store.note_stuck_cleared(now, SWEEPER, self.batch)
-        found = self.store.stuck_candidates(now, stuck_rules(self.registry), self.batch)
+        cleared = self.store.sweeps.note_stuck_cleared(now, SWEEPER, self.batch)
+        found = self.store.sweeps.stuck_candidates(now, stuck_rules(self.registry), self.batch)
         marks = [self._mark(candidate, now) for candidate in found]
-        flagged = set(self.store.mark_stuck(marks, now, SWEEPER))
+        flagged = set(self.store.sweeps.mark_stuck(marks, now, SWEEPER))
         counts = {"flagged": len(flagged), "retried": 0, "compensated": 0, "cleared": cleared}
         for mark in marks:
             if mark.candidate.id in flagged:
@@ -157,7 +157,7 @@ class Sweeps:
                     counts[done] += 1
         if counts["retried"] or counts["compensated"]:
             # The policy's own action lifted those flags: say so now, not a pass later.
-            counts["cleared"] += self.store.note_stuck_cleared(now, SWEEPER, self.batch)
+            counts["cleared"] += self.store.sweeps.note_stuck_cleared(now, SWEEPER, self.batch)
         return counts
 
     def _mark(self, found: StuckCandidate, now: int) -> StuckMark:
@@ -167,7 +167,7 @@ class Sweeps:
         action = str(policy)
         # Once per stretch without progress: a retry that did not help is not
         # repeated every pass; the flag stays for a person to look at.
-        if policy is not StuckPolicy.ALERT and self.store.acted_since(
+        if policy is not StuckPolicy.ALERT and self.store.sweeps.acted_since(
             found.id, SWEEPER, found.last_progress_at
         ):
             action = "none (the sweeper already acted since the last progress)"
@@ -208,7 +208,7 @@ class Sweeps:
         policies = dead_letter_policies(self.registry)
         planned = self._plan(policies)
         retried = dropped = 0
-        for ref in self.store.due_dead_letters(self.clock(), self.batch):
+        for ref in self.store.sweeps.due_dead_letters(self.clock(), self.batch):
             if self._auto_retry(ref, policies.get(ref.saga_name)):
                 retried += 1
             else:
@@ -218,8 +218,8 @@ class Sweeps:
     def _plan(self, policies: dict[str, Retry]) -> int:
         # Every new dead letter of a known saga type is planned, those without a policy
         # as "never": the set still to plan stays small, and so does its index.
-        refs = self.store.unplanned_dead_letters(self.registry.names(), self.batch)
-        done = self.store.automatic_retries({r.saga_id for r in refs}, RESOLVED_BY_SWEEPER)
+        refs = self.store.sweeps.unplanned_dead_letters(self.registry.names(), self.batch)
+        done = self.store.sweeps.automatic_retries({r.saga_id for r in refs}, RESOLVED_BY_SWEEPER)
         plans: list[tuple[int, int, int | None]] = []
         for ref in refs:
             policy, n = policies.get(ref.saga_name), done.get(ref.saga_id, 0)
@@ -227,7 +227,7 @@ class Sweeps:
             if policy is not None and n < policy.max_attempts:
                 at = ref.created_at + policy.delay_ms(n + 1, self._rand.random())
             plans.append((ref.id, n, at))
-        self.store.plan_dead_letters(plans)
+        self.store.sweeps.plan_dead_letters(plans)
         return len(plans)
 
     def _auto_retry(self, ref: DeadLetterRef, policy: Retry | None) -> bool:
@@ -248,7 +248,7 @@ class Sweeps:
             # It changed since it was planned (an operator acted, the saga type
             # or its policy went away): leave it to a person from now on.
             log.info("saga %s: automatic dead-letter retry dropped: %s", ref.saga_id, exc)
-            self.store.drop_auto_retry(ref.id)
+            self.store.sweeps.drop_auto_retry(ref.id)
             return False
         return True
 
@@ -262,7 +262,7 @@ class Sweeps:
         give_up = time.monotonic() + RETENTION_BUDGET_SECONDS
         purged = 0
         while True:
-            n = self.store.purge_finished(before, self.batch)
+            n = self.store.sweeps.purge_finished(before, self.batch)
             purged += n
             if n < self.batch or time.monotonic() >= give_up:
                 return {"purged": purged}

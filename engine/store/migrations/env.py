@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool
 
-from engine.store import normalise_url
 from engine.store.schema import metadata
+from engine.store.urls import normalise_url
 
 config = context.config
 
