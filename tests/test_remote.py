@@ -26,7 +26,9 @@ from engine.cli import main
 from engine.decide import record_success
 from engine.definition import Remote
 from engine.errors import ConcurrencyConflict
+from engine.model import now_ms
 from engine.queries import EventRecord
+from engine.remote.dispatch import resend_in_flight
 from engine.remote.messages import BadMessage, Command, Outcome, Reply
 from engine.remote.participant import ParticipantService
 from engine.remote.replies import Handled, ReplyHandler, ReplyListener
@@ -329,6 +331,30 @@ def test_a_batch_of_replies_is_recorded_in_one_go(
     assert sorted(Command.from_fields(e.fields).saga_id for e in flights) == sorted(ids)
     [repeat] = events(engine, commands[0].saga_id, "result_discarded")
     assert repeat.detail is not None and "moved on to 'flight'" in repeat.detail["why"]
+
+
+def test_only_commands_of_attempts_begun_before_the_streams_were_lost_go_again(
+    embedded: Deployment,
+) -> None:
+    # Redis lost its streams at `lost`: the command of an attempt begun before may be
+    # gone with them; one begun after went to the new stream and is not sent twice.
+    engine = embedded.engine(remote_travel(timeout=60.0))
+    earlier = engine.start("rtravel", {}).id
+    lost = engine.get(earlier).steps[0].started_at + 1
+    wait_for(lambda: now_ms() > lost)
+    later = engine.start("rtravel", {}).id
+    bus = embedded.bus
+    stream = bus.commands_stream("hotel")
+    bus.read([stream], PARTICIPANTS, "test", 10, 0)  # both first commands, taken
+
+    assert resend_in_flight(engine.collaborators, begun_before=lost) == 1
+    [again] = bus.read([stream], PARTICIPANTS, "test", 10, 0)
+    assert Command.from_fields(again.fields).saga_id == earlier
+    assert resend_in_flight(engine.collaborators) == 2  # without a moment: every one
+    assert {
+        Command.from_fields(e.fields).saga_id
+        for e in bus.read([stream], PARTICIPANTS, "test", 10, 0)
+    } == {earlier, later}
 
 
 def test_a_stale_batch_is_refused_whole(embedded: Deployment) -> None:

@@ -99,11 +99,15 @@ def command_for(inst: Instance, index: int, phase: Phase, defn: Saga, now: int) 
     )
 
 
-def resend_in_flight(collaborators: Collaborators, *, batch: int = 500) -> int:
+def resend_in_flight(
+    collaborators: Collaborators, *, batch: int = 500, begun_before: int | None = None
+) -> int:
     """Send again the command of every remote attempt in flight before its deadline.
 
     For when the command streams lost their entries (Redis flushed or
-    restarted empty). Returns how many were sent.
+    restarted empty): with ``begun_before`` (epoch ms, when the streams were
+    found empty), only attempts begun before then, whose commands may be lost.
+    Returns how many were sent.
     """
     c = collaborators
     remote = _remote_sagas(c.registry)
@@ -118,7 +122,7 @@ def resend_in_flight(collaborators: Collaborators, *, batch: int = 500) -> int:
         for inst in c.store.load_many(ids[first : first + batch]).values():
             defn = c.registry.get(inst.saga_name, inst.saga_version)
             flight = in_flight_remote(inst, defn, now)
-            if flight is not None:
+            if flight is not None and _begun_before(inst, flight[1], begun_before):
                 attempts.append((inst, flight[0], flight[1], defn))
         sent += dispatcher.send_many(attempts)
     if sent:
@@ -145,3 +149,9 @@ def in_flight_remote(inst: Instance, defn: Saga, now: int) -> tuple[int, Phase] 
 
 def _remote_sagas(registry: Registry) -> list[tuple[str, int]]:
     return [(s.name, s.version) for s in registry if any(st.remote for st in s.steps)]
+
+
+def _begun_before(inst: Instance, phase: Phase, moment: int | None) -> bool:
+    step = inst.current
+    began = step.started_at if phase is Phase.ACTION else step.comp_started_at
+    return moment is None or began is None or began < moment

@@ -347,8 +347,11 @@ class ReplyListener:
         if made == self._groups_seen:
             return
         self._groups_seen = made
+        # Only attempts begun before the group was made can have lost their command;
+        # those begun since sent theirs to the new stream.
+        made_at = self.bus.groups_made_at.get(self.bus.replies_stream)
         try:
-            resend_in_flight(self.collaborators)
+            resend_in_flight(self.collaborators, begun_before=made_at)
         except (StoreError, TransportError) as exc:
             log.warning("could not send the commands in flight again: %s", exc)
 

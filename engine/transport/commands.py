@@ -41,6 +41,8 @@ class CommandBus(Protocol):
     #: How many times a reader had to create a consumer group, by stream: the first
     #: use, or Redis lost its data (a flush, a restart without persistence).
     groups_created: dict[str, int]
+    #: When a reader last created each stream's group (epoch ms).
+    groups_made_at: dict[str, int]
     #: How often a reader should :meth:`keep` the entries it still works on, in seconds;
     #: None when nothing is ever taken over (the in-process bus).
     keep_every: float | None
@@ -111,6 +113,7 @@ class InProcessBus:
 
     def __init__(self) -> None:
         self.groups_created: dict[str, int] = {}
+        self.groups_made_at: dict[str, int] = {}
         self._queues: dict[str, deque[Entry]] = {}
         self._ready = threading.Condition()
         self._next_id = 0

@@ -105,6 +105,7 @@ class RedisBus:
         self.max_deliveries = max_deliveries
         self.forget_idle_ms = max(1, int(forget_idle_seconds * 1000))
         self.groups_created: dict[str, int] = {}
+        self.groups_made_at: dict[str, int] = {}
         self._claim_every = claim_idle_seconds / 2
         self._forget_every = forget_idle_seconds
         # Per stream; a reader scans at once, for a restarted reader may find a dead one's entries.
@@ -404,6 +405,7 @@ class RedisBus:
                     raise
                 continue
             self.groups_created[stream] = self.groups_created.get(stream, 0) + 1
+            self.groups_made_at[stream] = now_ms()
             self._claim_cursor[stream] = "0-0"
             log.info("created consumer group %s on %s", group, stream)
 
