@@ -2,7 +2,8 @@
 #
 #   make run     set up .venv if needed, then `saga demo` (SQLite + in-process queue)
 #   make test    set up .venv if needed, then the whole test suite
-#   make lint    ruff check, ruff format --check, mypy
+#   make lint    ruff check, ruff format --check, mypy: the hooks of .pre-commit-config.yaml
+#   make hooks   run those checks before every commit (git's pre-commit hook)
 #   make bench   the benchmark in bench/ (needs PostgreSQL)
 #   make screenshots  the console's pages from the browser test, in artifacts/screenshots/
 #   make dist    the wheel and the sdist, in dist/ (docs/deploying.md)
@@ -19,7 +20,7 @@ HTMX := static/vendor/htmx.min.js
 LINKS := console/templates console/static
 PYTEST_ARGS ?= -n 2
 
-.PHONY: run test lint bench setup clean screenshots dist npm
+.PHONY: run test lint hooks bench setup clean screenshots dist npm
 
 run: setup
 	$(BIN)/saga demo
@@ -27,10 +28,12 @@ run: setup
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# One list of checks: .pre-commit-config.yaml, run here on every file.
 lint: setup
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	$(BIN)/pre-commit run --all-files --show-diff-on-failure
+
+hooks: setup
+	$(BIN)/pre-commit install
 
 bench: setup
 	$(BIN)/python bench/baselines.py

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import multiprocess
+
 wsgi_app = "console:create_app()"
 bind = [os.environ.get("SAGA_CONSOLE_BIND", "127.0.0.1:8000")]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -41,6 +43,4 @@ def on_starting(server: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     """A worker that exited no longer counts in the live gauges (multiprocess metrics)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(worker.pid)

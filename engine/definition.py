@@ -66,8 +66,6 @@ class Retry:
         return max(int(capped * spread * 1000), 0)
 
     def is_retryable(self, exc: BaseException) -> bool:
-        from engine.errors import NonRetryableError
-
         return not isinstance(exc, (NonRetryableError, *self.non_retryable))
 
 

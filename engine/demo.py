@@ -22,6 +22,7 @@ from itertools import count
 from threading import Event
 from typing import Any
 
+from engine.loader import load_app
 from engine.queries import Queries
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -95,8 +96,6 @@ class DemoStats:
 
 def prepare(settings: Settings | None = None) -> SagaEngine:
     """Migrate the store and build an engine with the example sagas registered and bound."""
-    from engine.loader import load_app
-
     settings = settings or Settings.from_env()
     migrate.upgrade(settings.database_url)
     app = load_app(EXAMPLE_MODULES)

@@ -274,6 +274,10 @@ def test_a_participant_counts_and_times_the_commands_it_answers(
     worker(procs, "w1", APP)
     procs.start("p1", "-A", APP, "participant", "--metrics-port", "0", ready="metrics on http://")
     url = _metrics_url(procs.log("p1"))
+    # A worker whose reply group is new sends the commands in flight again (Redis
+    # may have lost them); let that happen before any saga starts, so each command
+    # here is answered once and the counts below are exact.
+    wait_for(lambda: _has_group(client, f"{prefix}:replies", "workers"))
     client.xadd(f"{prefix}:commands:hotel", {"junk": "not a command"})
 
     done = starter.start("rtravel", {}).id
@@ -302,6 +306,14 @@ def test_a_participant_counts_and_times_the_commands_it_answers(
         [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _has_group(client: redis.Redis, stream: str, group: str) -> bool:
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no such stream yet
+        return False
+    return any(g["name"] in (group, group.encode()) for g in groups)
 
 
 def _metrics_url(log: str) -> str:

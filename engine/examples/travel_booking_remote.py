@@ -33,6 +33,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from engine import Retry, Saga, SagaEngine
+from engine.examples import remote_participants
 
 RETRY = Retry(
     max_attempts=5,
@@ -63,7 +64,5 @@ def init_engine(engine: SagaEngine) -> None:
     """Without Redis, run the participants in this process (called by ``saga worker``)."""
     if not engine.bus.in_process:
         return  # they run as processes of their own: `saga participant`
-    from engine.examples import remote_participants
-
     remote_participants.bind(engine.store.db)
     engine.participant(remote_participants.service).start()
