@@ -78,7 +78,7 @@ from engine.store import DatabaseError
 from engine.transport.commands import CommandBus
 from engine.transport.event_log import event_log_from_settings
 from engine.transport.redis_doorbells import FIELD, is_saga_id
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from engine.transport.streams import PoisonRecord
 from engine.users import MAX_PASSWORD, MIN_PASSWORD, Role, User, UserStore
 
@@ -189,7 +189,7 @@ class PoisonReader:
     """
 
     def __init__(self, bus: CommandBus) -> None:
-        self._bus = bus if isinstance(bus, RedisBus) else None
+        self._bus = bus if isinstance(bus, RedisStreams) else None
 
     @property
     def stream(self) -> str | None:

@@ -32,7 +32,7 @@ INIT_HOOK = "init_engine"
 
 
 @dataclass(frozen=True)
-class App:
+class AppModules:
     """The modules named on the command line and the sagas they define."""
 
     modules: tuple[ModuleType, ...] = ()
@@ -57,7 +57,7 @@ def split_names(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def load_app(names: Iterable[str]) -> App:
+def load_app(names: Iterable[str]) -> AppModules:
     """Import each module and collect its sagas; a module without one is an error."""
     modules = tuple(import_module(name) for name in split_names(names))
     sagas: list[Saga] = []
@@ -68,7 +68,7 @@ def load_app(names: Iterable[str]) -> App:
                 "--app", f"module {module.__name__!r} defines no Saga at module level"
             )
         sagas.extend(s for s in found if all(s is not known for known in sagas))
-    return App(modules, tuple(sagas))
+    return AppModules(modules, tuple(sagas))
 
 
 def sagas_in(module: ModuleType) -> list[Saga]:

@@ -34,7 +34,7 @@ from engine.remote.participant import ParticipantService
 from engine.remote.replies import Handled, ReplyHandler, ReplyListener
 from engine.states import Phase
 from engine.transport.commands import PARTICIPANTS, WORKERS, CommandBus, InProcessBus
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from examples import remote_participants, travel_booking_remote
 from tests.conftest import empty_tables
 from tests.helpers.deploy import Deployment
@@ -650,7 +650,7 @@ def _has_group(client: redis.Redis, stream: str, group: str) -> bool:
 
 @pytest.mark.redis
 def test_the_redis_bus_keeps_its_keys_under_the_prefix(redis_url: str, prefix: str) -> None:
-    bus = RedisBus(redis_url, prefix=prefix)
+    bus = RedisStreams(redis_url, prefix=prefix)
     try:
         assert bus.commands_stream("hotel") == f"{prefix}:commands:hotel"
         assert bus.replies_stream == f"{prefix}:replies"
@@ -769,7 +769,7 @@ class TestInProcessBus(BusContract):
 class TestRedisBus(BusContract):
     @pytest.fixture
     def bus(self, redis_url: str, prefix: str, client: redis.Redis) -> Iterator[CommandBus]:
-        made = RedisBus(redis_url, prefix=prefix, claim_idle_seconds=0.2)
+        made = RedisStreams(redis_url, prefix=prefix, claim_idle_seconds=0.2)
         yield made
         made.close()
 
@@ -799,16 +799,16 @@ class TestRedisBus(BusContract):
 
 # -- the Redis bus: the cap on redelivery, dead consumers ---------------------------------
 
-MakeBus = Callable[..., RedisBus]
+MakeBus = Callable[..., RedisStreams]
 
 
 @pytest.fixture
 def make_bus(redis_url: str, prefix: str, client: redis.Redis) -> Iterator[MakeBus]:
     """Redis buses on this test's prefix, one per reader as in separate processes."""
-    made: list[RedisBus] = []
+    made: list[RedisStreams] = []
 
-    def make(**options: Any) -> RedisBus:
-        bus = RedisBus(redis_url, prefix=prefix, **options)
+    def make(**options: Any) -> RedisStreams:
+        bus = RedisStreams(redis_url, prefix=prefix, **options)
         made.append(bus)
         return bus
 

@@ -362,13 +362,16 @@ def test_consumers_of_dead_workers_are_removed(
 def test_settings_carry_the_redelivery_cap() -> None:
     from engine.errors import InvalidInput
     from engine.settings import Settings
-    from engine.transport.redis_streams import RedisBus
+    from engine.transport.redis_streams import RedisStreams
 
     env = {"SAGA_REDIS_URL": "redis://127.0.0.1:1/0", "SAGA_REDIS_MAX_DELIVERIES": "4"}
     settings = Settings.from_env(env)
     assert settings.redis_max_deliveries == 4
     assert Settings.from_env({}).redis_max_deliveries == 10
-    transport, bus = RedisStreamsTransport.from_settings(settings), RedisBus.from_settings(settings)
+    transport, bus = (
+        RedisStreamsTransport.from_settings(settings),
+        RedisStreams.from_settings(settings),
+    )
     assert transport.max_deliveries == bus.max_deliveries == 4
     transport.close()
     bus.close()

@@ -18,7 +18,7 @@ from alembic.util import CommandError
 
 from engine.cli.errors import StoreNotReady
 from engine.errors import InvalidInput
-from engine.loader import App, load_app
+from engine.loader import AppModules, load_app
 from engine.registry import Registry
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -36,7 +36,7 @@ class Cli:
 
     settings: Settings
     app_names: tuple[str, ...]
-    _app: App | None = None
+    _app: AppModules | None = None
     _store: Store | None = None
     _engine: SagaEngine | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
@@ -45,7 +45,7 @@ class Cli:
     def url(self) -> str:
         return self.settings.database_url
 
-    def app(self) -> App:
+    def app(self) -> AppModules:
         if self._app is None:
             self._app = load_app(self.app_names)
         return self._app

@@ -32,7 +32,7 @@ from engine.remote.participant import (
 from engine.store import open_store, redacted
 from engine.sweeper.scheduler import Sweeper
 from engine.transport.event_log import RedisEventLog
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 
 _METRICS_HELP = "Answer Prometheus scrapes at http://0.0.0.0:PORT/metrics."
 
@@ -259,7 +259,7 @@ def _command_runtime(
     only = tuple(s for s in requested if s not in event_names)
     if events is not None and not (_has_commands(modules) and (not requested or bool(only))):
         return None
-    bus = RedisBus.from_settings(cli.settings)
+    bus = RedisStreams.from_settings(cli.settings)
     cli.on_close(bus.close)
     runtime = ParticipantRuntime(
         load_participants(m for m in modules if events is None or _has_commands([m])),

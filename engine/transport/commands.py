@@ -1,7 +1,7 @@
 """The command bus: streams that carry commands to participants and replies back.
 
 Two implementations behind one small interface, like the doorbell
-transports: :class:`~engine.transport.redis_streams.RedisBus` (Redis Streams
+transports: :class:`~engine.transport.redis_streams.RedisStreams` (Redis Streams
 with consumer groups, for participants in other processes and hosts) and
 :class:`InProcessBus` (queues shared by the threads of one process, the
 embedded default). What an entry means is :mod:`engine.remote`'s business;
@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from engine.transport.streams import Entry
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def read_wait(bus: CommandBus) -> float:
 def bus_from_settings(settings: Settings) -> CommandBus:
     """Redis when ``SAGA_REDIS_URL`` is set, else the in-process bus."""
     if settings.redis_url:
-        return RedisBus.from_settings(settings)
+        return RedisStreams.from_settings(settings)
     return InProcessBus()
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import InvalidInput
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from engine.transport.streams import Entry
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ class RedisEventLog:
         claim_idle_seconds: float = 30.0,
         max_deliveries: int = 10,
     ) -> None:
-        def make(name: str) -> RedisBus:
-            return RedisBus(
+        def make(name: str) -> RedisStreams:
+            return RedisStreams(
                 url,
                 prefix=prefix,
                 client_name=f"{client_name}:{name}",
@@ -120,11 +120,11 @@ class RedisEventLog:
                 max_deliveries=max_deliveries,
             )
 
-        self._make: Callable[[str], RedisBus] = make
+        self._make: Callable[[str], RedisStreams] = make
         self._writer = self._make("publish")
         self.stream = f"{self._writer.prefix}:events"
         self.keep_every = self._writer.keep_every
-        self._readers: dict[str, RedisBus] = {}
+        self._readers: dict[str, RedisStreams] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -165,7 +165,7 @@ class RedisEventLog:
         for reader in self._readers.values():
             reader.close()
 
-    def _reader(self, group: str) -> RedisBus:
+    def _reader(self, group: str) -> RedisStreams:
         with self._lock:
             if group not in self._readers:
                 self._readers[group] = self._make(group)

@@ -1,6 +1,6 @@
 """One home for the engine's Redis client set-up.
 
-Every stream reader and writer of the engine (:class:`engine.transport.redis_streams.RedisBus`,
+Every stream reader and writer of the engine (:class:`engine.transport.redis_streams.RedisStreams`,
 and through it the doorbell transport and the event log) connects through
 :func:`connect`, so timeouts, retries and connection names are the same
 everywhere. It lives apart from both so that neither imports the other for it.

@@ -9,7 +9,7 @@ deployments can share one Redis)::
                       often), with their raw fields, the reason and the
                       source stream and entry id
 
-The transport is a thin layer over :class:`~engine.transport.redis_streams.RedisBus`, which owns
+The transport is a thin layer over :class:`~engine.transport.redis_streams.RedisStreams`, which owns
 the consumer-group mechanics: a worker acknowledges (XACK) an entry only
 after handling it, so a worker that dies leaves its entries pending; live
 workers take them over with XAUTOCLAIM once they have been idle for
@@ -32,7 +32,7 @@ from engine import metrics
 from engine.errors import InvalidInput
 from engine.transport.doorbells import Delivery
 from engine.transport.redis_client import connect
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from engine.transport.streams import RAW_PREFIX, Entry, PoisonRecord
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ class RedisStreamsTransport:
         max_deliveries: int = 10,
         forget_idle_seconds: float = 3600.0,
     ) -> None:
-        """Connect to ``url``; :class:`~engine.transport.redis_streams.RedisBus` has the options."""
-        self._bus = RedisBus(
+        """Connect to ``url``; :class:`.redis_streams.RedisStreams` has the options."""
+        self._bus = RedisStreams(
             url,
             prefix=prefix,
             # Connections are named <prefix>:<worker id> in CLIENT LIST.

@@ -14,7 +14,7 @@ handled, so a reader that dies leaves them pending; live readers of the same
 group take them over with XAUTOCLAIM after ``claim_idle_seconds``. An entry
 taken over more than ``max_deliveries`` times (every reader that took it died
 or hung) is set aside as poison instead of going round for ever, and consumers
-of dead processes are removed from their group. :class:`RedisBus` carries
+of dead processes are removed from their group. :class:`RedisStreams` carries
 commands and replies itself; the doorbell transport
 (:mod:`engine.transport.redis_doorbells`) and the event log
 (:mod:`engine.transport.event_log`) are thin layers over it.
@@ -55,7 +55,7 @@ _POISON_MAXLEN = 10_000
 _PENDING_SLACK = 100
 
 
-class RedisBus:
+class RedisStreams:
     """Commands and replies on Redis streams, read through consumer groups.
 
     The one home of the consumer-group mechanics on Redis: groups are made on
@@ -118,7 +118,7 @@ class RedisBus:
         self._redis, self.where = connect(url, f"{prefix}:{client_name}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RedisBus:
+    def from_settings(cls, settings: Settings) -> RedisStreams:
         if not settings.redis_url:
             raise InvalidInput("SAGA_REDIS_URL", "is not set; the Redis command bus needs it")
         return cls(

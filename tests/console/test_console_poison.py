@@ -25,7 +25,7 @@ from engine import SagaEngine, Settings
 from engine.remote.messages import BadMessage, Command
 from engine.remote.replies import ReplyListener
 from engine.transport.commands import PARTICIPANTS, WORKERS
-from engine.transport.redis_streams import RedisBus
+from engine.transport.redis_streams import RedisStreams
 from engine.transport.streams import PoisonRecord
 from tests.console.console_sagas import SAGAS
 from tests.console.support import make_app, sign_in, text
@@ -80,7 +80,7 @@ def poisoned(
     redis_engine: SagaEngine, redis_url: str, prefix: str, client: redis.Redis
 ) -> SetAside:
     bus = redis_engine.bus
-    assert isinstance(bus, RedisBus)
+    assert isinstance(bus, RedisStreams)
     poison = f"{prefix}:poison"
     saga_id = redis_engine.start("order", {"amount": 5}).id
 
@@ -104,7 +104,7 @@ def poisoned(
     assert listener.stop()
 
     # An entry every reader that took it "died" on: the second delivery is one too many.
-    readers = RedisBus(redis_url, prefix=prefix, claim_idle_seconds=0.05, max_deliveries=1)
+    readers = RedisStreams(redis_url, prefix=prefix, claim_idle_seconds=0.05, max_deliveries=1)
     car = readers.commands_stream("car")
     readers.send(car, {"n": "pill"})
     [pill] = readers.read([car], PARTICIPANTS, "dies", 1, 1.0)
