@@ -8,6 +8,7 @@ OFFSET, so page 1,000 costs what page 1 costs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +36,12 @@ __all__ = [
 ]
 
 MAX_PAGE = 500
+# Page cursors, parsed strictly: epoch milliseconds (up to 15 ASCII digits, so any
+# value fits a bigint column), then the last row's id as this store writes them.
+_INSTANCE_CURSOR = re.compile(
+    r"(?P<at>[0-9]{1,15})_(?P<id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})"
+)
+_DEAD_LETTER_CURSOR = re.compile(r"(?P<at>[0-9]{1,15})_(?P<id>[0-9]{1,18})")
 #: The filter that lists every instance.
 EVERY_INSTANCE = InstanceFilter()
 
@@ -340,10 +347,10 @@ def _dead_letter_item(
 
 
 def _decode_dead_letter_cursor(cursor: str) -> tuple[int, int]:
-    at, sep, last_id = cursor.partition("_")
-    if not sep or not at.isdigit() or not last_id.isdigit():
-        raise InvalidInput("cursor", f"{cursor!r} is not a page cursor from this list")
-    return int(at), int(last_id)
+    match = _DEAD_LETTER_CURSOR.fullmatch(cursor)
+    if match is None:
+        raise _not_a_cursor(cursor)
+    return int(match["at"]), int(match["id"])
 
 
 def _encode_cursor(item: InstanceSummary) -> str:
@@ -351,7 +358,12 @@ def _encode_cursor(item: InstanceSummary) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[int, str]:
-    at, sep, last_id = cursor.partition("_")
-    if not sep or not at.isdigit() or not last_id:
-        raise InvalidInput("cursor", f"{cursor!r} is not a page cursor from this list")
-    return int(at), last_id
+    match = _INSTANCE_CURSOR.fullmatch(cursor)
+    if match is None:
+        raise _not_a_cursor(cursor)
+    return int(match["at"]), match["id"]
+
+
+def _not_a_cursor(cursor: str) -> InvalidInput:
+    shown = cursor if len(cursor) <= 80 else cursor[:80] + "…"
+    return InvalidInput("cursor", f"{shown!r} is not a page cursor from this list")

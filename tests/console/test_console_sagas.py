@@ -102,6 +102,10 @@ class TestList:
             "to=2026-13-01",
             "from=2026-02-01&to=2026-01-01",
             "cursor=garbage",
+            # Digits past a bigint (and past Python's int() limit) are refused, not sent on.
+            "cursor=99999999999999999999999_01a24567-a2aa-7290-99c1-afefaa142f23",
+            "cursor=" + "9" * 5000 + "_x",
+            "cursor=%C2%B2_x",
             "saga=" + "x" * 101,
         ],
     )
