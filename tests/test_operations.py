@@ -327,11 +327,16 @@ def test_a_payload_that_is_not_json_is_refused(engine: SagaEngine, payload: Any,
     assert nothing_written(engine)
 
 
-def test_a_payload_with_a_nul_character_is_refused_on_every_store(engine: SagaEngine) -> None:
-    # PostgreSQL's JSONB cannot hold U+0000; SQLite could. Refuse it everywhere, up front.
+@pytest.mark.parametrize("note", ["a\x00b", "lone \ud800 surrogate", {"\udfff": 1}])
+def test_a_payload_with_text_no_store_can_keep_is_refused_on_every_store(
+    engine: SagaEngine, note: Any
+) -> None:
+    # PostgreSQL's JSONB cannot hold U+0000 (SQLite could), and no store keeps a lone
+    # surrogate: refused everywhere, up front, never a raw database error.
     with pytest.raises(InvalidInput, match="JSON"):
-        engine.start("travel", {"note": "a\x00b"})
+        engine.start("travel", {"note": note})
     assert nothing_written(engine)
+    assert engine.start("travel", {"note": "an emoji \U0001f600 is fine"}).created
 
 
 @pytest.mark.parametrize(

@@ -147,7 +147,24 @@ def dumps(value: Any) -> str:
     # PostgreSQL's JSONB cannot hold U+0000 (SQLite can): refuse it on every store.
     if "\\u0000" in text and has_nul(value):
         raise InvalidInput("JSON value", "text cannot contain the NUL character (U+0000)")
+    # Nor a lone surrogate (JSON escapes it as \\udXXX; no store can keep one).
+    if "\\ud" in text and _has_lone_surrogate(value):
+        raise InvalidInput("JSON value", "text cannot contain a lone surrogate (not Unicode)")
     return text
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def has_nul(value: Any) -> bool:
