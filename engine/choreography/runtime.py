@@ -40,6 +40,9 @@ from engine.transport.streams import Entry
 
 log = logging.getLogger(__name__)
 
+#: The optional module-level hook ``saga participant`` calls with the event runtime.
+INIT_HOOK = "init_event_handlers"
+
 
 class EventRuntime:
     """Reads events for some handler services, runs their handlers; ``stop()`` drains.
@@ -247,3 +250,15 @@ def event_services(
     if declared:
         services.append(tracker_handlers(Tracker(store, declared)))
     return services, declared
+
+
+def init_hooks(modules: Iterable[ModuleType], runtime: EventRuntime) -> None:
+    """Call each module's ``init_event_handlers(runtime)``, where it has one.
+
+    ``saga participant`` calls it once the runtime is built and before any event is
+    read: the place for a module to set up what its handlers need (their tables, say).
+    """
+    for module in modules:
+        hook = getattr(module, INIT_HOOK, None)
+        if callable(hook):
+            hook(runtime)

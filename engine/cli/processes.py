@@ -20,6 +20,7 @@ import click
 from engine import metrics
 from engine.choreography.handlers import choreographies_in, handlers_in
 from engine.choreography.runtime import EventRuntime, event_services
+from engine.choreography.runtime import init_hooks as init_event_hooks
 from engine.cli.context import Cli, pass_cli
 from engine.errors import InvalidInput
 from engine.loader import import_module, split_names
@@ -243,7 +244,9 @@ def _event_runtime(cli: Cli, modules: Sequence[ModuleType], only: Sequence[str])
         )
     event_log = RedisEventLog.from_settings(cli.settings)
     cli.on_close(event_log.close)
-    return EventRuntime(chosen, event_log, store, consumer=cli.settings.worker_id)
+    runtime = EventRuntime(chosen, event_log, store, consumer=cli.settings.worker_id)
+    init_event_hooks(modules, runtime)
+    return runtime
 
 
 def _command_runtime(

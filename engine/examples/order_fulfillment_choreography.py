@@ -30,7 +30,8 @@ makes shipping wait N seconds before acting (to kill it mid-handler),
 ``"ship": "hang"`` makes shipping never answer (a missing event).
 
 Each service records its effects in ``choreo_effects`` (in ``SAGA_DATABASE_URL``'s
-database, for the example's sake), once per idempotency key, behind the
+database, for the example's sake; :func:`init_event_handlers` creates it when a
+``saga participant`` process starts), once per idempotency key, behind the
 :class:`~engine.idempotency.IdempotencyGuard`: an event delivered twice has
 its effect once. :data:`ORDER` declares the choreography, so the tracker
 (the ``choreography-tracker`` service) keeps an instance per order that the
@@ -48,6 +49,7 @@ from sqlalchemy import Connection
 
 from engine.choreography.declaration import Choreography, ChoreoStep
 from engine.choreography.handlers import EventBus, EventContext, EventHandlers
+from engine.choreography.runtime import EventRuntime
 
 ORDER = Choreography(
     name="order_choreography",
@@ -77,8 +79,22 @@ effects = sa.Table(
 
 
 def create_tables(db: sa.Engine) -> None:
-    """The example's effect table (the tests and the first handler create it)."""
-    effects.metadata.create_all(db, checkfirst=True)
+    """The example's effect table, if it is not there yet.
+
+    Several participant processes start at once: when another one created the
+    table between our look and our CREATE, the database refuses ours, and the
+    table is there all the same.
+    """
+    try:
+        effects.metadata.create_all(db, checkfirst=True)
+    except sa.exc.DBAPIError:
+        if not sa.inspect(db).has_table(effects.name):
+            raise
+
+
+def init_event_handlers(runtime: EventRuntime) -> None:
+    """Create the effect table (``saga participant`` calls this before any event is read)."""
+    create_tables(runtime.store.db)
 
 
 def place_order(bus: EventBus, order_id: str, **order: Any) -> str:
