@@ -379,6 +379,7 @@ class Saga:
         name: str | None = None,
         timeout: timedelta | None = None,
         retry: Retry | None = None,
+        expected_duration: timedelta | None = None,
     ) -> StepHandle:
         """Append a step that waits for the external event ``event`` (a signal), up to ``timeout``.
 
@@ -387,7 +388,9 @@ class Saga:
         step times out and its retry policy applies, which by default allows
         no second wait (``NO_RETRY``): the saga compensates, or, past the
         pivot, is dead-lettered. The step is named after the event unless
-        ``name`` is given.
+        ``name`` is given. With ``expected_duration`` shorter than ``timeout``, a
+        wait that lasts longer is flagged stuck (plus the saga's grace) while it
+        may still take its signal: someone should look.
         """
         return self.add_step(
             name or event,
@@ -395,6 +398,7 @@ class Saga:
             timeout=timeout,
             retry=retry or NO_RETRY,
             signal=event,
+            expected_duration=expected_duration,
         )
 
     def set_compensation(self, step_name: str, fn: Compensation) -> None:

@@ -2,9 +2,12 @@
 
 It runs everything in one process on whatever store is configured (SQLite
 in the working directory when nothing is): migrates the store, registers the
-two example sagas, runs a worker, and starts sagas continuously with a mix
-of outcomes (most succeed, some retry first, some compensate, a few are
-dead-lettered), printing counts by state every few seconds.
+example sagas, runs a worker and the sweeper, and starts sagas continuously
+with a mix of outcomes (most succeed, some retry first, some compensate, a
+few are dead-lettered, and a few get stuck: an expense whose manager never
+answers, a step far slower than it is expected to be), printing counts by
+state every few seconds. The demo plays the manager who approves the other
+expenses, a few seconds after each starts.
 
 It is built from parts so that more can run beside it: :func:`prepare`
 builds the engine, :func:`run_demo` drives it until ``stop`` is set. A
@@ -14,6 +17,7 @@ on the same engine, and sets ``stop`` on shutdown.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections.abc import Callable
@@ -22,6 +26,8 @@ from itertools import count
 from threading import Event
 from typing import Any
 
+from engine.errors import InvalidTransition, SagaNotFound
+from engine.examples.expense_approval import APPROVAL
 from engine.loader import load_app
 from engine.queries import Queries
 from engine.runtime import SagaEngine
@@ -37,6 +43,8 @@ class Scenario:
     label: str
     faults: dict[str, Any]
     weight: int
+    #: For an expense: the demo approves it this many seconds after it starts (None: never).
+    approve_after: float | None = None
 
 
 #: The outcome mix. Faults are explained in engine/examples/participants.py.
@@ -68,11 +76,26 @@ SCENARIOS = (
         {"fail": {"shipping": "flaky:3"}},
         3,
     ),
+    Scenario("approve_expense", "approved by the manager: completes", {}, 8, approve_after=3.0),
+    Scenario("approve_expense", "the manager never answers: stuck, waits for you", {}, 1),
+    Scenario(
+        "approve_expense",
+        "holding the funds takes 20s: stuck, then goes on",
+        {"fail": {"ledger": "slow:20"}},
+        1,
+        approve_after=25.0,
+    ),
 )
 
 #: The demo's sagas: shipped in the engine's own namespace, so the demo runs wherever
 #: the engine is installed, not only from a checkout.
-EXAMPLE_MODULES = ("engine.examples.travel_booking", "engine.examples.order_fulfillment")
+EXAMPLE_MODULES = (
+    "engine.examples.travel_booking",
+    "engine.examples.order_fulfillment",
+    "engine.examples.expense_approval",
+)
+#: The demo's stuck sweep looks this often (seconds), so a stuck saga shows up soon.
+STUCK_SWEEP_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,9 @@ class DemoStats:
 def prepare(settings: Settings | None = None) -> SagaEngine:
     """Migrate the store and build an engine with the example sagas registered and bound."""
     settings = settings or Settings.from_env()
+    settings = replace(
+        settings, sweep_stuck_seconds=min(settings.sweep_stuck_seconds, STUCK_SWEEP_SECONDS)
+    )
     migrate.upgrade(settings.database_url)
     app = load_app(EXAMPLE_MODULES)
     engine = SagaEngine(app.sagas, settings=settings)
@@ -138,6 +164,7 @@ def _drive(
     out: Callable[[str], None],
 ) -> None:
     rng = random.Random(options.seed)
+    manager = Manager(engine)
     began = time.monotonic()
     next_report = began + options.report_every
     for number in count(1):
@@ -146,24 +173,59 @@ def _drive(
         now = time.monotonic()
         if options.duration is not None and now - began >= options.duration:
             return
-        start_one(engine, rng, number, stats)
+        manager.approve_due(now)
+        start_one(engine, rng, number, stats, manager)
         if now >= next_report:
             out(progress_line(engine, stats, f"{now - began:5.0f}s"))
             next_report = now + options.report_every
 
 
-def start_one(engine: SagaEngine, rng: random.Random, number: int, stats: DemoStats) -> str:
+def start_one(
+    engine: SagaEngine,
+    rng: random.Random,
+    number: int,
+    stats: DemoStats,
+    manager: Manager | None = None,
+) -> str:
     """Start one saga of a scenario drawn from the mix; returns its id."""
     scenario = rng.choices(SCENARIOS, weights=[s.weight for s in SCENARIOS])[0]
     key, payload = _payload(scenario, number)
     started = engine.start(scenario.saga, payload, business_key=key)
     stats.started += 1
     stats.by_scenario[scenario.label] = stats.by_scenario.get(scenario.label, 0) + 1
+    if manager is not None and scenario.approve_after is not None:
+        manager.approve_later(started.id, scenario.approve_after)
     return started.id
+
+
+class Manager:
+    """The demo's manager: approves the expenses it is told to, each when its time comes."""
+
+    def __init__(self, engine: SagaEngine) -> None:
+        self.engine = engine
+        self._due: list[tuple[float, str]] = []  # a heap of (when, saga id)
+
+    def approve_later(self, saga_id: str, seconds: float) -> None:
+        heapq.heappush(self._due, (time.monotonic() + seconds, saga_id))
+
+    def approve_due(self, now: float) -> int:
+        """Send every approval that is due; returns how many the sagas took."""
+        sent = 0
+        while self._due and self._due[0][0] <= now:
+            _, saga_id = heapq.heappop(self._due)
+            try:
+                self.engine.signal(saga_id, APPROVAL, {"approved_by": "demo-manager"})
+            except (InvalidTransition, SagaNotFound):
+                continue  # an operator got there first (compensated, cancelled...): fine
+            sent += 1
+        return sent
 
 
 def _payload(scenario: Scenario, number: int) -> tuple[str, dict[str, Any]]:
     stamp = f"{int(time.time()) % 100000:05d}-{number}"
+    if scenario.saga == "approve_expense":
+        key = f"EXP-{stamp}"
+        return key, {"employee": "Grace Hopper", "amount_cents": 12000, **scenario.faults}
     if scenario.saga == "book_trip":
         key = f"TRIP-{stamp}"
         base: dict[str, Any] = {
@@ -201,8 +263,10 @@ def _intro(engine: SagaEngine, options: DemoOptions, concurrency: int) -> str:
         [
             f"saga demo: store {url}, {queue}, one worker (concurrency {concurrency}) "
             "and the sweeper",
-            f"starting book_trip and fulfil_order, about {options.rate:g} a second, {until}:",
-            "most complete, some retry first, some compensate, a few are dead-lettered.",
+            f"starting book_trip, fulfil_order and approve_expense, about {options.rate:g} a "
+            f"second, {until}:",
+            "most complete, some retry first, some compensate, a few are dead-lettered,",
+            "and a few get stuck (the console's Stuck tab; send the approval, or compensate).",
             f"progress every {options.report_every:g}s; inspect from another terminal:",
             *_commands(),
         ]

@@ -32,6 +32,10 @@ keyed by the participant's short name. The rules:
 ``timeout`` / ``timeout:N``
     do the effect, then hang past the step's timeout (every attempt, or the
     first N), as if the reply was lost: the outcome is unknown to the engine.
+``slow:N``
+    take N seconds before the effect, on the first attempt: slower than the
+    step is expected to take (so the sweeper flags the saga stuck) but within
+    its timeout, so the step then completes by itself.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class Participant:
         with bound(ctx.saga_id, ctx.correlation_id):
             rule = fault(ctx, self.name)
             refuse(self.name, rule, ctx.attempt)
+            dawdle_if_asked(self.name, rule, ctx.attempt)
             result = self.guard.run_once(
                 ctx.idempotency_key, lambda c: self._insert(c, ctx, details)
             )
@@ -191,9 +196,19 @@ def hang_if_asked(participant: str, rule: str | None, attempt: int) -> None:
         time.sleep(HANG_SECONDS)
 
 
+def dawdle_if_asked(participant: str, rule: str | None, attempt: int) -> None:
+    """Before the effect, take the seconds a ``slow:N`` fault asks for (first attempt only)."""
+    if rule is None:
+        return
+    kind, seconds = _parse(participant, rule)
+    if kind == "slow" and attempt == 1:
+        log.debug("%s: taking %ds (fault %r)", participant, seconds, rule)
+        time.sleep(seconds)
+
+
 def _parse(participant: str, rule: str) -> tuple[str, int]:
     kind, _, raw = rule.partition(":")
-    if kind not in ("permanent", "always", "flaky", "timeout"):
+    if kind not in ("permanent", "always", "flaky", "timeout", "slow"):
         raise NonRetryableError(f"{participant}: unknown fault {rule!r}")
     if not raw:
         return kind, 1 if kind == "flaky" else 0
