@@ -4,6 +4,7 @@ from importlib import metadata as _metadata
 
 from engine.definition import NO_RETRY, Retry, Saga, StepContext, StepHandle, StuckPolicy
 from engine.errors import (
+    ActionFenced,
     ConcurrencyConflict,
     DefinitionError,
     InvalidInput,
@@ -30,6 +31,7 @@ except _metadata.PackageNotFoundError:  # a checkout on sys.path that was never 
     __version__ = "0+unknown"
 
 __all__ = [
+    "ActionFenced",
     "NO_RETRY",
     "Action",
     "CompensationStatus",

@@ -11,6 +11,7 @@
     ├── ConcurrencyConflict        the instance changed since the caller last read it
     ├── StepFailed                 raised by step code: a retryable failure
     │   └── NonRetryableError      raised by step code: fail now, do not retry
+    │       └── ActionFenced       the guard refused an action whose compensation ran first
     └── TransportError             the queue could not be reached
 
 Constructors take typed fields and build the message, so every message
@@ -95,6 +96,23 @@ class StepFailed(SagaError):
 
 class NonRetryableError(StepFailed):
     """Raise from a step to fail it at once, without further attempts."""
+
+
+class ActionFenced(NonRetryableError):
+    """The idempotency guard refused an action: the compensation of its step ran first.
+
+    The action arrived late (its attempt had timed out, and the saga compensated
+    the step, finding nothing to undo); doing it now would leave an effect
+    nothing undoes, so the guard refused it and did nothing.
+    """
+
+    def __init__(self, key: str, fenced_at: int) -> None:
+        self.key = key
+        self.fenced_at = fenced_at
+        super().__init__(
+            f"action {key!r} refused: its compensation ran first (fenced at {fenced_at} ms); "
+            "it arrived after its step was undone, so it did nothing"
+        )
 
 
 class TransportError(SagaError):

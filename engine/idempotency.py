@@ -10,6 +10,15 @@ Because the key row and the effect commit together, the effect happens once
 when it writes to the same database as the guard. For effects elsewhere (an
 HTTP call), pass the key on so the remote side can deduplicate too.
 
+Late actions are fenced. An action whose attempt timed out may still arrive
+(a slow thread, a command read late) after the saga compensated its step and
+the compensation found nothing to undo. So when a compensation runs under the
+engine's key ``<saga>:<step>:compensate``, the guard first writes the action's
+key ``<saga>:<step>:action`` as a fence, unless the action already ran; an
+action arriving later under that key raises
+:class:`~engine.errors.ActionFenced` (a non-retryable failure) and does
+nothing. The engine notes it on the saga's timeline like any late outcome.
+
 The ``saga_duplicates_absorbed`` metric moves once the duplicate's
 transaction committed: the guard's own (:meth:`IdempotencyGuard.run_once`), or
 the store's (a transactional step). In a transaction of the caller's own, the
@@ -22,6 +31,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from engine import metrics
+from engine.errors import ActionFenced
+from engine.model import action_key_of
 from engine.store.commits import after_commit
 from engine.store.connection import Connection, Database
 from engine.store.keys import IdempotencyKeys
@@ -45,11 +56,16 @@ class IdempotencyGuard:
     def run_once_in(self, conn: Connection, key: str, effect: Callable[[Connection], T]) -> T:
         """As :meth:`run_once`, inside the caller's transaction (a transactional step)."""
         if self._keys.claim(conn, key, self.scope):
+            self._fence_action_of(conn, key)
             result = effect(conn)
             if result is not None:  # the claimed row's result is NULL already: a statement saved
                 self._keys.store_result(conn, key, result)
             return result
-        replayed: T = self._keys.replay(conn, key)
+        try:
+            replayed: T = self._keys.replay(conn, key)
+        except ActionFenced:
+            metrics.action_fenced(self.scope)
+            raise
         after_commit(conn, self._absorbed)
         return replayed
 
@@ -59,6 +75,11 @@ class IdempotencyGuard:
     def duplicates(self, key: str) -> int:
         """How many repeated calls with ``key`` the guard absorbed."""
         return self._keys.duplicates(key)
+
+    def _fence_action_of(self, conn: Connection, key: str) -> None:
+        action = action_key_of(key)
+        if action is not None:
+            self._keys.fence(conn, action, self.scope)
 
     def _absorbed(self) -> None:
         metrics.duplicate_absorbed(self.scope)

@@ -71,6 +71,11 @@ STEP_DURATION = Histogram(
     ["saga", "step", "phase", "outcome"],
     buckets=STEP_BUCKETS,
 )
+ACTIONS_FENCED = Counter(
+    "saga_actions_fenced",
+    "Late actions the idempotency guard refused: their step's compensation had run first.",
+    ["scope"],
+)
 DUPLICATES_ABSORBED = Counter(
     "saga_duplicates_absorbed",
     "Repeated deliveries the idempotency guard answered without running the effect again.",
@@ -208,6 +213,10 @@ def _began(old: Instance | None, ev: Event) -> int | None:
 
 def duplicate_absorbed(scope: str) -> None:
     DUPLICATES_ABSORBED.labels(scope).inc()
+
+
+def action_fenced(scope: str) -> None:
+    ACTIONS_FENCED.labels(scope).inc()
 
 
 def command_answered(command: str, outcome: str, started_ms: int, finished_ms: int) -> None:

@@ -201,6 +201,15 @@ def idempotency_key(saga_id: str, step: str, phase: Phase) -> str:
     return f"{saga_id}:{step}:{phase}"
 
 
+def action_key_of(key: str) -> str | None:
+    """The action's key for the compensation key ``key`` (``<saga>:<step>:compensate``);
+    None for any other key."""
+    head, sep, phase = key.rpartition(":")
+    if not sep or not head or phase != str(Phase.COMPENSATE):
+        return None
+    return f"{head}:{Phase.ACTION}"
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

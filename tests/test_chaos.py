@@ -173,8 +173,11 @@ def compensations(engine: SagaEngine, saga_id: str) -> list[str | None]:
 
 
 def assert_effects_once(engine: SagaEngine, trips: dict[str, bool]) -> None:
-    """Each record made (and undone) once, and the guard saw exactly the expected keys."""
+    """Each record made (and undone) once, and the guard saw exactly the expected keys:
+    an effect's key for each effect, and a fence for each refused car that was compensated
+    (its action never ran, so a late one would be refused)."""
     expected: set[str] = set()
+    fences: set[str] = set()
     for saga_id, must_fail in trips.items():
         hotel, flight, car = (p.records(saga_id) for p in remote_participants.PARTICIPANTS)
         if must_fail:
@@ -183,12 +186,16 @@ def assert_effects_once(engine: SagaEngine, trips: dict[str, bool]) -> None:
             assert flight[0]["undone_at"] <= hotel[0]["undone_at"]  # undone in reverse
             expected |= {f"{saga_id}:{s}:action" for s in STEPS[:2]}
             expected |= {f"{saga_id}:{s}:compensate" for s in STEPS}
+            fences.add(f"{saga_id}:{STEPS[2]}:action")
         else:
             assert [r["status"] for r in hotel + flight + car] == ["active"] * 3
             expected |= {f"{saga_id}:{s}:action" for s in STEPS}
+    k = t.idempotency_keys.c
     with engine.store.db.connect() as conn:
-        keys = list(conn.execute(sa.select(t.idempotency_keys.c.key)).scalars())
+        rows = conn.execute(sa.select(k.key, k.fenced_at)).all()
+    keys = [key for key, fenced_at in rows if fenced_at is None]
     assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert {key for key, fenced_at in rows if fenced_at is not None} == fences
 
 
 # -- one thing at a time -------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -21,7 +22,16 @@ import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from engine import DefinitionError, Saga, SagaEngine, SagaState, Settings, StepContext, metrics
+from engine import (
+    DefinitionError,
+    Retry,
+    Saga,
+    SagaEngine,
+    SagaState,
+    Settings,
+    StepContext,
+    metrics,
+)
 from engine.cli import main
 from engine.decide import record_success
 from engine.definition import Remote
@@ -267,6 +277,43 @@ def test_a_late_reply_after_the_timeout_is_noted_and_ignored(
     inst = engine.get(saga_id)
     assert inst.steps[1].attempts == 2 and inst.state is SagaState.COMPLETED
     assert participant.effect_counts()[f"{saga_id}:flight:action"] == 1
+
+
+def test_a_late_command_after_its_compensation_is_refused_by_the_guard(
+    embedded: Deployment, participant: Participant
+) -> None:
+    # The flight service is slow to act: the step times out, the saga compensates the
+    # flight (nothing to undo yet) and the hotel. Then the flight's handler reaches its
+    # guard, which refuses the late action: no flight is booked behind the saga's back.
+    compensated = threading.Event()
+
+    def late_flight(ctx: StepContext) -> Any:
+        compensated.wait(10)
+        return participant.action(ctx)
+
+    def undo_flight(ctx: StepContext, output: Any) -> Any:
+        undone = participant.compensation(ctx, output)
+        compensated.set()
+        return undone
+
+    handlers = service(participant)
+    handlers._handlers["flight.do"] = late_flight
+    handlers._handlers["flight.undo"] = undo_flight
+    saga = remote_travel(timeouts={"flight": 0.4}, retry=Retry(max_attempts=1))
+    engine = embedded.engine(saga)
+    embedded.participant(engine, handlers)
+    embedded.worker(engine)
+    saga_id = engine.start("rtravel", {}).id
+
+    wait_state(engine, saga_id, SagaState.COMPENSATED)
+    [late] = wait_for(lambda: events(engine, saga_id, "result_discarded"))
+    assert (late.step_name, late.phase, late.detail and late.detail["reply"]) == (
+        "flight",
+        "action",
+        "fail",
+    )
+    assert late.error is not None and "ActionFenced" in late.error
+    assert f"{saga_id}:flight:action" not in participant.effect_counts()
 
 
 def test_a_command_nobody_handles_fails_the_step_and_the_saga_compensates(

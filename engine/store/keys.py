@@ -1,6 +1,7 @@
 """The idempotency guard's key rows (``saga_idempotency_keys``), in the database of
 the participant that keeps them: one row per key, holding the effect's result
-and how many duplicates the guard absorbed.
+and how many duplicates the guard absorbed. A row with ``fenced_at`` was written
+by a compensation for an action that had not run: that action is refused.
 
 :class:`~engine.idempotency.IdempotencyGuard` is the public face; this is its SQL.
 """
@@ -17,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
+from engine.errors import ActionFenced
 from engine.model import now_ms
 from engine.store import commits
 from engine.store import schema as t
@@ -28,6 +30,7 @@ _CLAIM = {
     "postgresql": pg_insert(_KEYS).on_conflict_do_nothing().returning(_KEYS.c.key),
     "sqlite": sqlite_insert(_KEYS).on_conflict_do_nothing().returning(_KEYS.c.key),
 }
+_FENCE = _CLAIM  # the same statement: a row for the key unless one is there
 _STORE_RESULT = (
     _KEYS.update().where(_KEYS.c.key == sa.bindparam("b_key")).values(result=sa.bindparam("result"))
 )
@@ -62,11 +65,32 @@ class IdempotencyKeys:
         conn.execute(_STORE_RESULT, {"b_key": key, "result": result})
 
     def replay(self, conn: Connection, key: str) -> Any:
-        """Count a duplicate on the row of ``key`` and return the result it keeps."""
+        """Count a duplicate on the row of ``key`` and return the result it keeps.
+
+        Raises :class:`~engine.errors.ActionFenced`, counting nothing, when the row
+        is a fence: the compensation of this action's step ran before it.
+        """
+        found = conn.execute(
+            sa.select(_KEYS.c.result, _KEYS.c.fenced_at).where(_KEYS.c.key == key)
+        ).one()
+        if found.fenced_at is not None:
+            raise ActionFenced(key, found.fenced_at)
         conn.execute(
             _KEYS.update().where(_KEYS.c.key == key).values(duplicates=_KEYS.c.duplicates + 1)
         )
-        return conn.execute(sa.select(_KEYS.c.result).where(_KEYS.c.key == key)).scalar()
+        return found.result
+
+    def fence(self, conn: Connection, action_key: str, scope: str) -> bool:
+        """Write the row of ``action_key`` as a fence, unless the action ran (or is running:
+        its uncommitted row makes this wait for it). True when the fence was written."""
+        row = {
+            "key": action_key,
+            "scope": scope,
+            "created_at": now_ms(),
+            "duplicates": 0,
+            "fenced_at": now_ms(),
+        }
+        return conn.execute(_FENCE[conn.dialect.name], row).first() is not None
 
     def seen(self, key: str) -> bool:
         with self.db.connect() as conn:

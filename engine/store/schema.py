@@ -224,6 +224,9 @@ idempotency_keys = sa.Table(
     sa.Column("result", JsonType, nullable=True),
     sa.Column("created_at", Millis, nullable=False),
     sa.Column("duplicates", sa.Integer, nullable=False, server_default="0"),
+    # Set on an action's row written by its compensation before the action ran:
+    # the action is refused if it arrives later (its step was undone already).
+    sa.Column("fenced_at", Millis, nullable=True),
 )
 
 users = sa.Table(
