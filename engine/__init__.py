@@ -31,9 +31,9 @@ except _metadata.PackageNotFoundError:  # a checkout on sys.path that was never 
     __version__ = "0+unknown"
 
 __all__ = [
-    "ActionFenced",
     "NO_RETRY",
     "Action",
+    "ActionFenced",
     "CompensationStatus",
     "ConcurrencyConflict",
     "DefinitionError",
