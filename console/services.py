@@ -28,7 +28,9 @@ the views and their helpers, imports from the engine only:
 and takes the facades below, and their own types, from this module: ``Role``,
 ``User``, ``UserStore`` and the password limits (users); the bulk records and
 limits; ``Saga`` (the definitions the engine's registry holds);
-``PoisonRecord``; ``CHOREOGRAPHED`` (the kind of a tracked choreography); and
+``PoisonRecord``; ``CHOREOGRAPHED`` (the kind of a tracked choreography);
+:func:`visible`, the engine's one way of showing untrusted text with its control
+and bidirectional characters escaped (:mod:`engine.display`); and
 ``DatabaseError``, the store failure the console answers with 503, so that no
 view imports SQLAlchemy. ``tests/console/test_console_imports.py`` keeps this
 true.
@@ -66,6 +68,7 @@ from engine.choreography.declaration import CHOREOGRAPHED
 from engine.choreography.handlers import EventBus, choreographies_in
 from engine.choreography.operations import ChoreographyOperations
 from engine.definition import Saga
+from engine.display import visible
 from engine.errors import InvalidInput
 from engine.loader import import_module
 from engine.model import Instance
@@ -114,6 +117,7 @@ __all__ = [
     "get",
     "init_app",
     "load_sagas",
+    "visible",
 ]
 
 _KEY = "saga"

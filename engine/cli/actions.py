@@ -12,7 +12,7 @@ import click
 from engine.cli.context import Cli, pass_cli
 from engine.cli.documents import instance_json
 from engine.cli.params import actor_option, json_option, page_options, parse_payload, reason_option
-from engine.cli.render import print_json, render_dead_letters
+from engine.cli.render import echo, print_json, render_dead_letters
 from engine.interventions import Action
 from engine.model import Instance
 from engine.queries import Queries
@@ -128,7 +128,7 @@ def _say_done(action: str, inst: Instance, actor: str, as_json: bool) -> None:
     if as_json:
         print_json({"action": action, "instance": instance_json(inst)})
         return
-    click.echo(
+    echo(
         f"{action}: saga {inst.id} is now {inst.state} at step "
         f"{inst.current.name!r} (version {inst.version}); recorded as {actor}"
     )
