@@ -73,6 +73,7 @@ from engine.errors import InvalidInput
 from engine.loader import import_module
 from engine.model import Instance
 from engine.operations import Operations
+from engine.origins import Origin
 from engine.queries import OpenWait, Queries
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -146,8 +147,10 @@ class Signals:
         sent_by: str,
         reason: str,
         expected_version: int,
+        origin: Origin,
     ) -> Delivered:
-        """Deliver ``event`` with ``data`` as ``sent_by``, audited with ``reason``."""
+        """Deliver ``event`` with ``data`` as ``sent_by``, audited with ``reason`` and
+        ``origin`` (the console, and who is signed in)."""
         return self.engine.signal(
             saga_id,
             event,
@@ -155,6 +158,7 @@ class Signals:
             sent_by=sent_by,
             reason=reason,
             expected_version=expected_version,
+            origin=origin,
         )
 
 

@@ -1,4 +1,4 @@
-"""The ``saga`` command facing hostile text.
+"""The ``saga`` command facing hostile text, and the origin it records beside ``--actor``.
 
 Business keys, correlation ids, payloads, errors, actors and reasons are text from
 outside. Printed raw, ``\\x1b[2J`` clears the operator's terminal, an OSC sequence
@@ -10,6 +10,9 @@ the rest of a line. Output for people shows each such character as an escape;
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import socket
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from console.cli import main
-from engine import SagaEngine, SagaState, Settings
+from engine import Queries, SagaEngine, SagaState, Settings
 from engine.model import Instance
 from engine.worker import Worker
 from tests.helpers.hostile_app import hostile
@@ -65,14 +68,18 @@ def worker(engine: SagaEngine) -> Iterator[Worker]:
 
 @pytest.fixture
 def saga(store_url: str) -> Any:
-    """Run ``saga -A tests.helpers.hostile_app ARGS...`` in-process against the test's store."""
+    """Run ``saga -A tests.helpers.hostile_app ARGS...`` in-process against the test's store.
+
+    ``$USER`` and ``$LOGNAME`` claim to be demo-admin: the origin must not believe them.
+    """
 
     def invoke(*args: str) -> Result:
         env = {
             "SAGA_DATABASE_URL": store_url,
             "SAGA_APP": "",
             "SAGA_REDIS_URL": "",
-            "USER": "tester",
+            "USER": "demo-admin",
+            "LOGNAME": "demo-admin",
         }
         return CliRunner().invoke(main, ["-A", APP, *args], env=env)
 
@@ -91,6 +98,11 @@ def dead_lettered(engine: SagaEngine, key: str, correlation_id: str | None = Non
         assert time.monotonic() < deadline, f"saga {inst.id} is still {inst.state}"
         time.sleep(0.02)
     return inst
+
+
+def shell() -> str:
+    """The account this test runs as, and its host, as the origin must name them."""
+    return f"{pwd.getpwuid(os.getuid()).pw_name}@{socket.gethostname()}"
 
 
 # -- output for people ---------------------------------------------------------------
@@ -222,3 +234,57 @@ def test_an_oversized_cursor_is_bad_input_in_one_line(
     assert result.stdout == ""
     assert result.stderr.startswith("saga: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and "cursor" in result.stderr
+
+
+# -- origins -------------------------------------------------------------------------
+
+
+def test_an_action_from_the_cli_records_its_os_user_and_host_beside_the_claimed_actor(
+    saga: Any, engine: SagaEngine
+) -> None:
+    inst = engine.start("hostile", {"error": "x"}).instance
+
+    result = saga("cancel", inst.id, "--actor", "demo-admin", "--reason", "duplicate order")
+
+    assert result.exit_code == 0, result.output
+    assert f"recorded as demo-admin, from cli: {shell()}" in result.stdout
+    [entry] = Queries(engine.store).operator_actions(saga_id=inst.id)
+    assert (entry.actor, entry.origin, entry.origin_detail) == ("demo-admin", "cli", shell())
+    shown = saga("show", inst.id)
+    assert f"demo-admin (from cli: {shell()}) cancel" in shown.stdout
+    [action] = json.loads(saga("show", inst.id, "--json").stdout)["operator_actions"]
+    assert (action["actor"], action["origin"], action["origin_detail"]) == (
+        "demo-admin",
+        "cli",
+        shell(),
+    )
+
+
+def test_a_bulk_run_from_the_cli_records_the_cli_origin_on_every_item(
+    saga: Any, engine: SagaEngine, worker: Worker
+) -> None:
+    ids = [dead_lettered(engine, f"ORD-{n}").id for n in range(2)]
+
+    result = saga(
+        "bulk",
+        "run",
+        "cancel",
+        "--saga",
+        "hostile",
+        "--expect",
+        "2",
+        "--reason",
+        "refunded by hand",
+        "--actor",
+        "demo-admin",
+        "--rate",
+        "1000",
+        "--json",
+    )
+
+    assert result.exit_code == 0, result.output
+    operation = json.loads(result.stdout)["operation"]
+    assert (operation["origin"], operation["origin_detail"]) == ("cli", shell())
+    for saga_id in ids:
+        [entry] = Queries(engine.store).operator_actions(saga_id=saga_id)
+        assert (entry.actor, entry.origin, entry.origin_detail) == ("demo-admin", "cli", shell())

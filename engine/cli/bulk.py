@@ -144,6 +144,7 @@ def bulk_run(
         batch_size=batch_size,
         rate_per_second=rate,
         max_failure_rate=max_failure_rate / 100,
+        origin=cli.origin,
     )
     if not as_json:
         echo(f"bulk operation {op.id}: {op.action} on {op.total} instance(s)")

@@ -89,7 +89,8 @@ def _say_started(started: Started) -> None:
 @click.option(
     "--reason",
     default=None,
-    help="Why a person sends it: then the audit log records it as SENT_BY's action.",
+    help="Why a person sends it: then the audit log records it as SENT_BY's action "
+    "(a claim; the OS user and host are recorded beside it).",
 )
 @json_option
 @pass_cli
@@ -105,7 +106,12 @@ def signal_(
 ) -> None:
     """Deliver EVENT to saga SAGA_ID, for the step that waits for it (now or later)."""
     delivered = cli.engine().signal(
-        saga_id, event, parse_payload(data, "--data"), sent_by=sent_by, reason=reason
+        saga_id,
+        event,
+        parse_payload(data, "--data"),
+        sent_by=sent_by,
+        reason=reason,
+        origin=cli.origin,
     )
     inst = delivered.instance
     if as_json:

@@ -23,6 +23,7 @@ import click
 from engine.bulk.model import MAX_ITEMS, BulkItem, BulkOperation, DryRun
 from engine.display import visible
 from engine.model import now_ms
+from engine.origins import Origin
 from engine.queries import DeadLetterPage, Page
 
 #: Bumped when a ``--json`` document changes incompatibly (docs/cli.md).
@@ -227,9 +228,15 @@ def _render_records(doc: dict[str, Any]) -> None:
         echo("operator actions")
         for a in doc["operator_actions"]:
             echo(
-                f"  {when(a['at'])}  {a['actor']} {a['action']} at {a['step_name']}: "
-                f"{a['state_before']} -> {a['state_after']}  reason: {a['reason']}"
+                f"  {when(a['at'])}  {a['actor']} (from {_origin(a)}) {a['action']} at "
+                f"{a['step_name']}: {a['state_before']} -> {a['state_after']}  "
+                f"reason: {a['reason']}"
             )
+
+
+def _origin(action: dict[str, Any]) -> str:
+    """Where an audited action came from (``cli: alice@ops-1``): its actor is only a claim."""
+    return str(Origin.of(action["origin"], action["origin_detail"]))
 
 
 def _side(side: dict[str, Any]) -> str:
