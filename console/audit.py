@@ -1,7 +1,8 @@
 """The audit log: every operator action, newest first, filterable, append-only.
 
 The console only reads it; entries are written by the operations API in the
-same transaction as the action they record.
+same transaction as the action they record. Each shows who the caller said
+acts (the actor, a claim) and the door it came through (its origin).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from flask.typing import ResponseReturnValue
 
 from console import services
 from console.params import parse_audit
-from engine.operations import AUDIT_ACTIONS
+from engine.operations import AUDIT_ACTIONS, OriginKind
 
 bp = Blueprint("audit", __name__)
 
@@ -27,6 +28,7 @@ def audit_log() -> ResponseReturnValue:
         action=query.action,
         limit=PAGE_SIZE + 1,
         before_id=query.before_id,
+        origin=query.origin,
     )
     next_before = rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
     return render_template(
@@ -35,4 +37,5 @@ def audit_log() -> ResponseReturnValue:
         query=query,
         next_before=next_before,
         action_names=list(AUDIT_ACTIONS),
+        origin_names=[str(kind) for kind in OriginKind],
     )

@@ -40,7 +40,7 @@ from console.services import (
 )
 from engine.errors import InvalidInput, InvalidTransition
 from engine.model import now_ms
-from engine.operations import Action
+from engine.operations import Action, Origin
 from engine.states import SagaState
 
 bp = Blueprint("bulk", __name__)
@@ -147,6 +147,7 @@ def start() -> ResponseReturnValue:
         batch_size=wanted.batch_size,
         rate_per_second=wanted.rate,
         max_failure_rate=wanted.max_failure_pct / 100,
+        origin=Origin.console(current_user.name),
     )
     bulk.spawn(op.id)
     current_app.logger.info(

@@ -22,6 +22,7 @@ from console.services import Services
 from engine.cli.context import Cli, check_url, pass_cli
 from engine.cli.processes import stop_on_signals
 from engine.demo import DemoOptions, prepare, run_demo
+from engine.display import visible
 from engine.errors import InvalidInput
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -111,7 +112,8 @@ def list_users() -> None:
     """List console users."""
     for user in _run(lambda users: users.list_users()):
         status = "disabled" if user.disabled else "active"
-        click.echo(f"{user.name}\t{user.role}\t{status}")
+        # Tab-separated for scripts; a name's own control characters are shown escaped.
+        click.echo("\t".join(visible(field) for field in (user.name, user.role, status)))
 
 
 @user_group.command("set-role")

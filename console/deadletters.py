@@ -25,7 +25,7 @@ from console.params import check_seen_version
 from console.services import Role
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
 from engine.model import Instance
-from engine.operations import Action
+from engine.operations import Action, Origin
 from engine.states import SagaState
 
 bp = Blueprint("deadletters", __name__)
@@ -121,6 +121,7 @@ def _apply(picked: Choice, saga_id: str, form: Any, payload_text: str) -> Instan
         "actor": current_user.name,
         "reason": form.reason.data,
         "expected_version": form.expected_version.data,
+        "origin": Origin.console(current_user.name),
     }
     if picked.slug == "edit-retry":
         payload = _parse_payload(payload_text)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from engine.errors import InvalidInput
 from engine.model import Instance
-from engine.operations import AUDIT_ACTIONS, Action, check_version
+from engine.operations import AUDIT_ACTIONS, Action, OriginKind, check_version
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 
@@ -36,6 +36,8 @@ class AuditQuery:
     saga_id: str | None
     before_id: int | None
     args: dict[str, str]
+    #: Only the entries that came through this door (``cli``, ``console``...).
+    origin: str | None = None
 
 
 def parse_list(args: Mapping[str, str]) -> ListQuery:
@@ -67,20 +69,26 @@ def parse_search(args: Mapping[str, str]) -> str | None:
 
 
 def parse_audit(args: Mapping[str, str]) -> AuditQuery:
-    """The audit page's ``actor``, ``action``, ``saga_id`` filters and ``before`` cursor."""
+    """The audit page's ``actor``, ``action``, ``origin``, ``saga_id`` filters and
+    ``before`` cursor."""
     action = _text(args, "action", 40)
     if action is not None and action not in AUDIT_ACTIONS:
         raise InvalidInput("action", f"{action!r} is not one of {', '.join(AUDIT_ACTIONS)}")
+    origin = _text(args, "origin", 20)
+    if origin is not None and origin not in set(OriginKind):
+        raise InvalidInput("origin", f"{origin!r} is not one of {', '.join(OriginKind)}")
     before = _text(args, "before", 20)
     if before is not None and not before.isdigit():
         raise InvalidInput("before", f"{before!r} is not a page cursor from this list")
-    kept = {k: args[k].strip() for k in ("actor", "action", "saga_id") if args.get(k, "").strip()}
+    filters = ("actor", "action", "origin", "saga_id")
+    kept = {k: args[k].strip() for k in filters if args.get(k, "").strip()}
     return AuditQuery(
         _text(args, "actor", 200),
         action,
         _text(args, "saga_id", 36),
         int(before) if before is not None else None,
         kept,
+        origin,
     )
 
 

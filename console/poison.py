@@ -8,14 +8,15 @@ the on-call engineer the ``SagaEntriesSetAside`` alert wakes sees them without
 redis-cli.
 
 Everything in a record came from Redis and is untrusted: the template escapes
-it, and :func:`visible` turns control characters into ``\\xNN`` escapes.
+it, and :func:`visible` (the engine's :func:`engine.display.visible`, through
+:mod:`console.services`) turns control and bidirectional characters into
+``\\xNN`` / ``\\uNNNN`` escapes.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -37,8 +38,6 @@ MAX_LIMIT = 500
 BODY = b"body"
 # The reason engine.transport.redis_streams gives an entry taken over too often.
 _REDELIVERED = re.compile(r"delivered \d+ times\b")
-# Bidirectional-text controls: shown escaped so that no field can reorder what is around it.
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class Why(StrEnum):
@@ -148,18 +147,10 @@ def describe(record: PoisonRecord) -> SetAside:
 def visible(text: str) -> str:
     """``text`` with control and bidirectional characters as ``\\xNN`` / ``\\uNNNN`` escapes.
 
-    Tabs and newlines stay. HTML is left to the template's escaping.
+    Tabs and newlines stay: the page shows the fields as preformatted text.
+    HTML is left to the template's escaping.
     """
-    if text.isprintable():
-        return text
-    return "".join(_visible_char(ch) for ch in text)
-
-
-def _visible_char(ch: str) -> str:
-    if ch in "\t\n" or (unicodedata.category(ch) != "Cc" and ch not in _BIDI):
-        return ch
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return services.visible(text, keep="\t\n")
 
 
 def _field(name: bytes, value: bytes) -> Field:

@@ -23,7 +23,7 @@ from console.services import CHOREOGRAPHED, Role, Saga
 from console.timeline import build_steps, idempotency_keys
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
 from engine.model import Instance, now_ms
-from engine.operations import Action
+from engine.operations import Action, Origin
 from engine.queries import InstanceFilter, OpenWait
 from engine.states import SagaState
 
@@ -125,6 +125,7 @@ def act(saga_id: str, action_name: str) -> ResponseReturnValue:
         actor=current_user.name,
         reason=form.reason.data,
         expected_version=form.expected_version.data,
+        origin=Origin.console(current_user.name),
     )
     flash(
         f"{describe.LABELS[action]}: done by {current_user.name}. The saga went to "
@@ -228,6 +229,7 @@ def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
             sent_by=current_user.name,
             reason=form.reason.data,
             expected_version=form.expected_version.data,
+            origin=Origin.console(current_user.name),
         )
     except (InvalidInput, InvalidTransition) as exc:
         # Refused, nothing written: the form again, with everything the operator typed.
@@ -306,12 +308,17 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
         return render_template("confirm.html", **context), 400
     check_seen_version(inst, str(form.expected_version.data))
     ops = services.get().choreography
+    who = {
+        "actor": current_user.name,
+        "reason": form.reason.data,
+        "origin": Origin.console(current_user.name),
+    }
     if action_name == "force-compensate":
-        sent = ops.force_compensate(saga_id, actor=current_user.name, reason=form.reason.data)
+        sent = ops.force_compensate(saga_id, **who)
         what = ", ".join(sent) if sent else "nothing new (each was published before)"
         flash(f"Force-compensate: done by {current_user.name}. Published: {what}.")
     else:
-        sent_one = ops.republish_last(saga_id, actor=current_user.name, reason=form.reason.data)
+        sent_one = ops.republish_last(saga_id, **who)
         flash(f"Re-published {sent_one}: done by {current_user.name}.")
     return redirect(url_for("sagas.instance", saga_id=saga_id))
 

@@ -28,7 +28,9 @@ the views and their helpers, imports from the engine only:
 and takes the facades below, and their own types, from this module: ``Role``,
 ``User``, ``UserStore`` and the password limits (users); the bulk records and
 limits; ``Saga`` (the definitions the engine's registry holds);
-``PoisonRecord``; ``CHOREOGRAPHED`` (the kind of a tracked choreography); and
+``PoisonRecord``; ``CHOREOGRAPHED`` (the kind of a tracked choreography);
+:func:`visible`, the engine's one way of showing untrusted text with its control
+and bidirectional characters escaped (:mod:`engine.display`); and
 ``DatabaseError``, the store failure the console answers with 503, so that no
 view imports SQLAlchemy. ``tests/console/test_console_imports.py`` keeps this
 true.
@@ -66,10 +68,12 @@ from engine.choreography.declaration import CHOREOGRAPHED
 from engine.choreography.handlers import EventBus, choreographies_in
 from engine.choreography.operations import ChoreographyOperations
 from engine.definition import Saga
+from engine.display import visible
 from engine.errors import InvalidInput
 from engine.loader import import_module
 from engine.model import Instance
 from engine.operations import Operations
+from engine.origins import Origin
 from engine.queries import OpenWait, Queries
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -114,6 +118,7 @@ __all__ = [
     "get",
     "init_app",
     "load_sagas",
+    "visible",
 ]
 
 _KEY = "saga"
@@ -142,8 +147,10 @@ class Signals:
         sent_by: str,
         reason: str,
         expected_version: int,
+        origin: Origin,
     ) -> Delivered:
-        """Deliver ``event`` with ``data`` as ``sent_by``, audited with ``reason``."""
+        """Deliver ``event`` with ``data`` as ``sent_by``, audited with ``reason`` and
+        ``origin`` (the console, and who is signed in)."""
         return self.engine.signal(
             saga_id,
             event,
@@ -151,6 +158,7 @@ class Signals:
             sent_by=sent_by,
             reason=reason,
             expected_version=expected_version,
+            origin=origin,
         )
 
 

@@ -2,7 +2,10 @@
 
 Every action takes an actor and a reason, checks the version the caller saw,
 applies the pure rule from :mod:`engine.interventions`, and stores the
-transition with its audit record in one transaction. Reads for listing and
+transition with its audit record in one transaction. The actor is a claim;
+the audit record keeps beside it the action's origin, the door it came
+through (:mod:`engine.origins`), which each door names: the CLI, the console,
+the sweeper. A caller in-process that names none is recorded as ``engine``. Reads for listing and
 showing instances live in :mod:`engine.queries`.
 """
 
@@ -17,6 +20,7 @@ from engine.errors import ConcurrencyConflict, InvalidInput
 from engine.inputs import MAX_REASON, check_text
 from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance, Transition
+from engine.origins import IN_PROCESS, Origin, OriginKind
 from engine.registry import Registry
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport.doorbells import Transport, ring
@@ -37,23 +41,51 @@ class Operations:
         self.clock = clock
 
     def retry(
-        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Run the failed or waiting step (or compensation) now, with a fresh retry budget."""
         return self.act(
-            Action.RETRY, saga_id, actor=actor, reason=reason, expected_version=expected_version
+            Action.RETRY,
+            saga_id,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            origin=origin,
         )
 
     def skip(
-        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Mark the current step (or its compensation) done by hand and go on."""
         return self.act(
-            Action.SKIP, saga_id, actor=actor, reason=reason, expected_version=expected_version
+            Action.SKIP,
+            saga_id,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            origin=origin,
         )
 
     def compensate(
-        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Stop going forward and compensate every started step, from the current one."""
         return self.act(
@@ -62,14 +94,26 @@ class Operations:
             actor=actor,
             reason=reason,
             expected_version=expected_version,
+            origin=origin,
         )
 
     def cancel(
-        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Stop the instance where it stands; nothing more runs and nothing is undone."""
         return self.act(
-            Action.CANCEL, saga_id, actor=actor, reason=reason, expected_version=expected_version
+            Action.CANCEL,
+            saga_id,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            origin=origin,
         )
 
     def act(
@@ -81,12 +125,16 @@ class Operations:
         reason: str,
         expected_version: int | None = None,
         detail: dict[str, Any] | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Apply ``action`` if the state allows it and nobody changed the instance since.
 
-        ``detail`` goes in the audit record (a bulk operation names itself there).
+        ``detail`` goes in the audit record (a bulk operation names itself
+        there), and so does ``origin``, the door the action came through.
         """
-        record = OperatorRecord(check_actor(actor), str(action), check_reason(reason), detail)
+        record = OperatorRecord(
+            check_actor(actor), str(action), check_reason(reason), detail, origin=origin
+        )
         return self._change(
             saga_id,
             expected_version,
@@ -102,6 +150,7 @@ class Operations:
         actor: str,
         reason: str,
         expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Replace the payload every step reads, then retry the failed step now.
 
@@ -118,25 +167,44 @@ class Operations:
                 interventions.EDIT_RETRY,
                 reason,
                 {"payload_before": inst.payload, "payload_after": payload},
+                origin=origin,
             ),
         )
 
     def resolve(
-        self, saga_id: str, *, actor: str, reason: str, expected_version: int | None = None
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Instance:
         """Close a dead letter dealt with by hand: the saga ends cancelled, nothing is undone."""
-        record = OperatorRecord(check_actor(actor), interventions.RESOLVE, check_reason(reason))
+        record = OperatorRecord(
+            check_actor(actor), interventions.RESOLVE, check_reason(reason), origin=origin
+        )
         return self._change(
             saga_id, expected_version, interventions.resolve_by_hand, lambda inst: record
         )
 
     def note_not_applied(
-        self, saga_id: str, *, actor: str, reason: str, detail: dict[str, Any]
+        self,
+        saga_id: str,
+        *,
+        actor: str,
+        reason: str,
+        detail: dict[str, Any],
+        origin: Origin = IN_PROCESS,
     ) -> None:
         """Record in the audit log that an action was not applied to an instance (a bulk
         operation's item that had changed, was refused or failed); nothing else changes."""
         record = OperatorRecord(
-            check_actor(actor), interventions.BULK_NOT_APPLIED, check_reason(reason), detail
+            check_actor(actor),
+            interventions.BULK_NOT_APPLIED,
+            check_reason(reason),
+            detail,
+            origin=origin,
         )
         retry_on_disconnect(
             lambda: self.store.append_operator_note(self.store.load(saga_id), record, self.clock())
@@ -211,14 +279,18 @@ def check_json(value: Any) -> None:
     dumps(value)
 
 
-# The door's names, with the actions' vocabulary (from engine.interventions) that
-# callers of the operations name: the console and the CLI import them from here.
+# The door's names, with the actions' vocabulary (from engine.interventions) and
+# their origins' (engine.origins) that callers of the operations name: the console
+# and the CLI import them from here.
 __all__ = [
     "AUDIT_ACTIONS",
+    "IN_PROCESS",
     "MAX_ACTOR",
     "MAX_REASON",
     "Action",
     "Operations",
+    "Origin",
+    "OriginKind",
     "check_actor",
     "check_json",
     "check_reason",

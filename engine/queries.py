@@ -181,6 +181,11 @@ class OperatorActionRecord:
     version_after: int
     step_name: str | None
     detail: dict[str, Any] | None
+    #: The door it came through (``cli``, ``console``, ``api``, ``sweeper``, ``engine``,
+    #: or ``unknown`` before schema 0011), beside the ``actor`` it claims.
+    origin: str
+    #: Who or what behind the origin: ``user@host`` for the CLI, the signed-in user...
+    origin_detail: str | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,9 +287,10 @@ class Queries:
         action: str | None = None,
         limit: int = 200,
         before_id: int | None = None,
+        origin: str | None = None,
     ) -> list[OperatorActionRecord]:
-        """The audit log, newest first."""
-        rows = self._reads.operator_actions(saga_id, actor, action, before_id, limit)
+        """The audit log, newest first; ``origin``: only the entries of that kind."""
+        rows = self._reads.operator_actions(saga_id, actor, action, before_id, limit, origin)
         return [OperatorActionRecord(**r) for r in rows]
 
     def duplicates_absorbed(self, keys: list[str]) -> dict[str, int]:

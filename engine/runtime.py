@@ -19,6 +19,7 @@ from engine.executor import Executor
 from engine.inputs import check_key
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
 from engine.operations import Operations, check_actor, check_reason
+from engine.origins import IN_PROCESS, Origin
 from engine.registry import Registry
 from engine.remote.dispatch import Dispatcher
 from engine.remote.participant import ParticipantRuntime, ParticipantService
@@ -194,19 +195,22 @@ class SagaEngine:
         sent_by: str = "api",
         reason: str | None = None,
         expected_version: int | None = None,
+        origin: Origin = IN_PROCESS,
     ) -> Delivered:
         """Deliver the external event ``event`` (with JSON ``data``) to a waiting step.
 
         Stored first, then taken by the step waiting for it (now, or when it
         begins); see :mod:`engine.signals` for what is refused. With ``reason``,
         a person sent it: the audit log records it as their action (``sent_by``),
-        like any operator's, in the same transaction. With ``expected_version``,
-        an instance that changed since the caller saw it raises ConcurrencyConflict.
+        like any operator's, in the same transaction. ``origin`` is the door it
+        came through (the CLI, the console), kept beside ``sent_by``, which is a
+        claim. With ``expected_version``, an instance that changed since the
+        caller saw it raises ConcurrencyConflict.
         """
         operator = None
         if reason is not None:
             actor, why = check_actor(sent_by), check_reason(reason)
-            operator = OperatorRecord(actor, interventions.SIGNAL, why)
+            operator = OperatorRecord(actor, interventions.SIGNAL, why, origin=origin)
         return deliver(
             self.collaborators,
             saga_id,
@@ -215,6 +219,7 @@ class SagaEngine:
             sent_by=sent_by,
             operator=operator,
             expected_version=expected_version,
+            origin=origin,
         )
 
     def participant(

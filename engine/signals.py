@@ -39,6 +39,7 @@ from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
 from engine.model import Event, EventKind, Instance, Transition
 from engine.operations import check_version
+from engine.origins import IN_PROCESS, Origin
 from engine.store import OperatorRecord, Store, dumps, retry_on_disconnect
 from engine.transport.doorbells import ring
 
@@ -102,13 +103,16 @@ def deliver(
     sent_by: str = "api",
     operator: OperatorRecord | None = None,
     expected_version: int | None = None,
+    origin: Origin = IN_PROCESS,
 ) -> Delivered:
     """Store the signal ``event`` for ``saga_id``; a waiting step takes it at once.
 
     ``operator`` (a person sent it) adds an audit entry in the same
     transaction; its detail gets the event, the data and whether the step
-    took it. With ``expected_version``, an instance that changed since the
-    caller read it raises :class:`ConcurrencyConflict`. Raises
+    took it. The timeline's event notes ``origin``, the door it came through,
+    beside ``sent_by``, which is a claim. With ``expected_version``, an
+    instance that changed since the caller read it raises
+    :class:`ConcurrencyConflict`. Raises
     :class:`~engine.errors.SagaNotFound`, :class:`InvalidInput` (data that is
     not JSON, a bad name) or :class:`InvalidTransition` (see the module's
     docstring); nothing is written then.
@@ -116,7 +120,7 @@ def deliver(
     dumps(data)
     sent_by = _check_name("sender", sent_by)
     event = _check_name("event", event)
-    signal = _Signal(event, data, sent_by, operator, expected_version)
+    signal = _Signal(event, data, sent_by, operator, expected_version, origin)
     # A caller that names the version it saw wants the conflict, not a decision
     # taken again on an instance it has not seen.
     attempts = 1 if expected_version is not None else _CONFLICT_ATTEMPTS
@@ -139,6 +143,7 @@ class _Signal:
     sent_by: str
     operator: OperatorRecord | None
     expected_version: int | None
+    origin: Origin
 
 
 def _with_conflict_retries(work: Callable[[], Delivered], attempts: int) -> Delivered:
@@ -171,7 +176,12 @@ def _deliver_once(c: Collaborators, saga_id: str, signal: _Signal) -> Delivered:
             EventKind.SIGNAL_RECEIVED,
             index,
             attempt=inst.steps[index].attempts or None,
-            detail={"event": event, "sent_by": signal.sent_by, "taken": taken},
+            detail={
+                "event": event,
+                "sent_by": signal.sent_by,
+                "origin": str(signal.origin),
+                "taken": taken,
+            },
             at=now,
         )
         actor = f"signal:{signal.sent_by}"

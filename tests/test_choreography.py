@@ -698,8 +698,8 @@ def test_the_console_marks_a_choreographed_instance_and_force_compensates_it(
         types = [e.fields[b"type"] for e in log_.read("g", "c", 10, 0)]
         assert types == [b"PaymentRefunded", b"InventoryReleased"]
         audit = Queries(saga_engine.store).operator_actions(saga_id=inst.id)
-        assert [(a.action, a.actor, a.reason) for a in audit] == [
-            ("force_compensate", "operator", "INC-7")
+        assert [(a.action, a.actor, a.reason, a.origin, a.origin_detail) for a in audit] == [
+            ("force_compensate", "operator", "INC-7", "console", "operator")
         ]
     finally:
         saga_engine.close()

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from engine import InvalidInput, InvalidTransition, Retry, SagaEngine, SagaNotFound, SagaState
 from engine.cli import main
+from engine.cli.context import shell_origin
 from engine.queries import Queries
 from engine.states import StepStatus
 from engine.store import schema as t
@@ -70,7 +71,13 @@ def test_a_signal_completes_the_waiting_step(
     assert done.steps[APPROVAL].output == {"by": "Grace"}
     [received] = [e for e in timeline(engine, saga_id) if e.kind == "signal_received"]
     assert received.step_name == "manager_approval" and received.actor == "signal:grace"
-    assert received.detail == {"event": "manager_approval", "sent_by": "grace", "taken": True}
+    # sent_by is the caller's claim; the origin is the door: here the engine's API in-process.
+    assert received.detail == {
+        "event": "manager_approval",
+        "sent_by": "grace",
+        "origin": "engine",
+        "taken": True,
+    }
     [row] = signal_rows(engine)
     assert (row.saga_id, row.event, row.data, row.sent_by) == (
         saga_id,
@@ -243,3 +250,7 @@ def test_a_signal_sent_with_a_reason_is_an_audited_operator_action(
         "manager_approval",
     )
     assert audit.detail == {"event": "manager_approval", "data": None, "taken": True}
+    # "ann" is what --sent-by claims; the origin is the account and host that ran saga.
+    assert (audit.origin, audit.origin_detail) == ("cli", shell_origin().detail)
+    [received] = [e for e in timeline(engine, saga_id) if e.kind == "signal_received"]
+    assert received.detail is not None and received.detail["origin"] == str(shell_origin())

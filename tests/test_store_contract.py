@@ -21,6 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from engine.decide import Run, begin_attempt, record_failure, record_success
 from engine.errors import ConcurrencyConflict, SagaNotFound
 from engine.model import DeadLetter, Event, EventKind, Instance, Transition, new_id
+from engine.origins import IN_PROCESS, Origin
 from engine.queries import Queries
 from engine.states import Phase, SagaState, StepStatus
 from engine.store import OperatorRecord, Store, open_store
@@ -219,7 +220,7 @@ class TestStoreContract:
             failed,
             Transition(running, (Event(EventKind.OPERATOR_RETRY, 0),), resolves_dead_letter=True),
             "operator:ann",
-            operator=OperatorRecord("ann", "retry", "fixed the bug"),
+            operator=OperatorRecord("ann", "retry", "fixed the bug", origin=Origin.console("ann")),
         )
         assert Queries(store).dead_letters() == []
         [resolved] = Queries(store).dead_letters(open_only=False)
@@ -237,7 +238,9 @@ class TestStoreContract:
             audit.state_after,
             audit.version_before,
             audit.version_after,
-        ) == ("ann", "retry", "fixed the bug", "failed", "running", 2, 3)
+            audit.origin,
+            audit.origin_detail,
+        ) == ("ann", "retry", "fixed the bug", "failed", "running", 2, 3, "console", "ann")
 
     @pytest.mark.parametrize(
         "fail_on",
@@ -266,7 +269,9 @@ class TestStoreContract:
         sa.event.listen(store.db, "before_cursor_execute", explode)
         try:
             with pytest.raises(RuntimeError, match="went away"):
-                store.save(inst, tr, "w1", operator=OperatorRecord("ann", "skip", "why"))
+                store.save(
+                    inst, tr, "w1", operator=OperatorRecord("ann", "skip", "why", origin=IN_PROCESS)
+                )
         finally:
             sa.event.remove(store.db, "before_cursor_execute", explode)
         assert any(s.lstrip().startswith("UPDATE saga_instances") for s in statements)

@@ -45,6 +45,11 @@ def audit(engine: SagaEngine, saga_id: str) -> list[tuple[str, str, str]]:
     return [(a.actor, a.action, a.reason) for a in reversed(found)]
 
 
+def origins(engine: SagaEngine, saga_id: str) -> list[tuple[str, str | None]]:
+    found = Queries(engine.store).operator_actions(saga_id=saga_id)
+    return [(a.origin, a.origin_detail) for a in reversed(found)]
+
+
 # -- dispatch: overdue deadlines, expired leases, lost doorbells -------------------------
 
 
@@ -205,6 +210,8 @@ def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World
 
     [(actor, action, reason)] = audit(engine, saga_id)
     assert (actor, action) == (SWEEPER, "retry")
+    # The sweeper's own doing, whatever name a person might claim: its origin says so.
+    assert origins(engine, saga_id) == [("sweeper", engine.owner)]
     assert reason.startswith("stuck: no progress since") and "policy is retry" in reason
     assert world.bells.take() == [saga_id]
     assert events(engine, saga_id)[-3:] == [
@@ -290,6 +297,7 @@ def test_dead_letters_are_retried_automatically_with_backoff_up_to_the_limit(
     assert sweeps.dead_letters() == {"planned": 0, "retried": 0, "dropped": 0}  # once
     assert engine.get(saga_id).state is SagaState.COMPENSATING
     assert audit(engine, saga_id) == [(SWEEPER, "retry", "automatic dead-letter retry 1/2")]
+    assert origins(engine, saga_id) == [("sweeper", engine.owner)]
 
     assert run_again(engine, saga_id).state is SagaState.FAILED  # the undo fails again
     assert sweeps.dead_letters()["planned"] == 1

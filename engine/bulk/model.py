@@ -203,6 +203,10 @@ class BulkOperation:
     stop_requested_at: int | None
     stop_requested_by: str | None
     note: str | None
+    #: The origin of whoever created it (:mod:`engine.origins`): its items' audit
+    #: entries are recorded with it. ``unknown`` for operations before schema 0011.
+    origin: str = "unknown"
+    origin_detail: str | None = None
 
     @property
     def is_running(self) -> bool:

@@ -63,6 +63,7 @@ from engine.errors import (
 from engine.interventions import Action
 from engine.model import new_id
 from engine.operations import Operations
+from engine.origins import IN_PROCESS, Origin
 from engine.store.bulk import BulkStore
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ class BulkRecovery:
         batch_size: int = 50,
         rate_per_second: float = 5.0,
         max_failure_rate: float = 0.2,
+        origin: Origin = IN_PROCESS,
     ) -> BulkOperation:
-        """Snapshot the matching instances as a new operation (not started: see :meth:`run`)."""
+        """Snapshot the matching instances as a new operation (not started: see :meth:`run`).
+
+        ``origin``, the door the request came through, is kept with the
+        operation and recorded with every item's audit entry.
+        """
         _check(action, reason, actor, batch_size, rate_per_second, max_failure_rate)
         if expected_count < 1:
             raise InvalidInput("expected count", "the dry run matched no instances: nothing to do")
@@ -121,6 +127,8 @@ class BulkRecovery:
             "status": str(BulkStatus.RUNNING),
             "total": 0,
             "heartbeat_at": now,
+            "origin": str(origin.kind),
+            "origin_detail": origin.detail,
         }
         self.store.insert(op, flt, expected_count)
         log.info("bulk %s: %s on %d instances, by %s", operation_id, action, expected_count, actor)

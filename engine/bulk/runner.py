@@ -27,6 +27,7 @@ from engine.errors import (
 )
 from engine.model import now_ms
 from engine.operations import MAX_REASON
+from engine.origins import Origin
 from engine.store.bulk import BulkStore
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class BulkRunner:
                 reason=reason,
                 expected_version=item.version_before,
                 detail={"bulk_operation": op.id},
+                origin=_origin(op),
             )
         except ConcurrencyConflict as exc:
             return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason)
@@ -167,6 +169,7 @@ class BulkRunner:
                 actor=op.created_by,
                 reason=f"{reason}: {why}"[:MAX_REASON],
                 detail={**detail, "why": why},
+                origin=_origin(op),
             )
         return 1 if outcome is ItemOutcome.ERROR else 0
 
@@ -189,3 +192,8 @@ class BulkRunner:
         self.bulk.finish(op.id, self.runner_id, status, note, self.now())
         log.info("bulk %s: %s (%s)", op.id, status, note)
         return self.bulk.get(op.id)
+
+
+def _origin(op: BulkOperation) -> Origin:
+    """The origin of the operation's creator, which each item's audit entry carries."""
+    return Origin.of(op.origin, op.origin_detail)

@@ -14,6 +14,7 @@ from engine.errors import InvalidInput, InvalidTransition
 from engine.idempotency import IdempotencyGuard
 from engine.interventions import FORCE_COMPENSATE, REPUBLISH
 from engine.model import now_ms
+from engine.origins import IN_PROCESS, Origin
 from engine.queries import Queries
 from engine.store import OperatorRecord, Store
 
@@ -42,8 +43,13 @@ class ChoreographyOperations:
         self.by_name = {c.name: c for c in choreographies}
         self._guard = IdempotencyGuard(store.db, "force-compensate")
 
-    def force_compensate(self, saga_id: str, *, actor: str, reason: str) -> list[str]:
-        """Publish the compensating events still to go; returns those published now."""
+    def force_compensate(
+        self, saga_id: str, *, actor: str, reason: str, origin: Origin = IN_PROCESS
+    ) -> list[str]:
+        """Publish the compensating events still to go; returns those published now.
+
+        The audit entry keeps ``origin``, the door the action came through.
+        """
         inst, decl = self._choreographed(saga_id, "force-compensate", reason)
         published: list[str] = []
         data = {**(inst.payload or {}), "forced": True, "forced_by": actor, "reason": reason}
@@ -63,12 +69,19 @@ class ChoreographyOperations:
 
             self._guard.run_once(order.key, publish)
             published.append(order.event_type)
-        record = OperatorRecord(actor, FORCE_COMPENSATE, reason, {"published": published})
+        record = OperatorRecord(
+            actor, FORCE_COMPENSATE, reason, {"published": published}, origin=origin
+        )
         self.store.append_operator_note(inst, record, now_ms())
         return published
 
-    def republish_last(self, saga_id: str, *, actor: str, reason: str) -> str:
-        """Publish the last event the instance moved on again, same id and data; its type."""
+    def republish_last(
+        self, saga_id: str, *, actor: str, reason: str, origin: Origin = IN_PROCESS
+    ) -> str:
+        """Publish the last event the instance moved on again, same id and data; its type.
+
+        The audit entry keeps ``origin``, the door the action came through.
+        """
         inst, _ = self._choreographed(saga_id, "re-publish", reason)
         last = None
         for record in Queries(self.store).timeline(saga_id):
@@ -95,7 +108,7 @@ class ChoreographyOperations:
         )
         detail = {"event": event_type, "event_id": last.detail["event_id"]}
         self.store.append_operator_note(
-            inst, OperatorRecord(actor, REPUBLISH, reason, detail), now_ms()
+            inst, OperatorRecord(actor, REPUBLISH, reason, detail, origin=origin), now_ms()
         )
         return event_type
 

@@ -2,7 +2,9 @@
 ``edit-retry``, ``resolve``, and the dead-letter queue they work from (``deadletters``).
 
 Every action goes through the engine's operations, which check the reason,
-the state and ``--expected-version``, and record the action in the audit log.
+the state and ``--expected-version``, and record the action in the audit log:
+``--actor`` as the claimed actor, and beside it the origin ``cli`` with the OS
+user and host that ran the command (:func:`engine.cli.context.shell_origin`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import click
 from engine.cli.context import Cli, pass_cli
 from engine.cli.documents import instance_json
 from engine.cli.params import actor_option, json_option, page_options, parse_payload, reason_option
-from engine.cli.render import print_json, render_dead_letters
+from engine.cli.render import echo, print_json, render_dead_letters
 from engine.interventions import Action
 from engine.model import Instance
 from engine.queries import Queries
@@ -52,9 +54,14 @@ def operator_command(action: Action) -> click.Command:
         as_json: bool,
     ) -> None:
         inst = cli.engine().operations.act(
-            action, saga_id, actor=actor, reason=reason, expected_version=expected_version
+            action,
+            saga_id,
+            actor=actor,
+            reason=reason,
+            expected_version=expected_version,
+            origin=cli.origin,
         )
-        _say_done(str(action), inst, actor, as_json)
+        _say_done(cli, str(action), inst, actor, as_json)
 
     return command
 
@@ -97,8 +104,9 @@ def edit_retry(
         actor=actor,
         reason=reason,
         expected_version=expected_version,
+        origin=cli.origin,
     )
-    _say_done("edit_retry", inst, actor, as_json)
+    _say_done(cli, "edit_retry", inst, actor, as_json)
 
 
 @click.command("resolve")
@@ -119,18 +127,23 @@ def resolve(
 ) -> None:
     """Mark a dead letter resolved by hand: the saga ends cancelled, nothing is undone."""
     inst = cli.engine().operations.resolve(
-        saga_id, actor=actor, reason=reason, expected_version=expected_version
+        saga_id,
+        actor=actor,
+        reason=reason,
+        expected_version=expected_version,
+        origin=cli.origin,
     )
-    _say_done("resolve", inst, actor, as_json)
+    _say_done(cli, "resolve", inst, actor, as_json)
 
 
-def _say_done(action: str, inst: Instance, actor: str, as_json: bool) -> None:
+def _say_done(cli: Cli, action: str, inst: Instance, actor: str, as_json: bool) -> None:
     if as_json:
         print_json({"action": action, "instance": instance_json(inst)})
         return
-    click.echo(
+    echo(
         f"{action}: saga {inst.id} is now {inst.state} at step "
-        f"{inst.current.name!r} (version {inst.version}); recorded as {actor}"
+        f"{inst.current.name!r} (version {inst.version}); recorded as {actor}, "
+        f"from {cli.origin}"
     )
 
 

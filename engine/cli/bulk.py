@@ -19,6 +19,7 @@ from engine.cli.context import Cli, pass_cli
 from engine.cli.params import actor_option, json_option, parse_state, parse_time, reason_option
 from engine.cli.processes import stop_on_signals
 from engine.cli.render import (
+    echo,
     print_json,
     render_bulk_list,
     render_bulk_report,
@@ -143,14 +144,15 @@ def bulk_run(
         batch_size=batch_size,
         rate_per_second=rate,
         max_failure_rate=max_failure_rate / 100,
+        origin=cli.origin,
     )
     if not as_json:
-        click.echo(f"bulk operation {op.id}: {op.action} on {op.total} instance(s)")
+        echo(f"bulk operation {op.id}: {op.action} on {op.total} instance(s)")
     done = _follow(recovery, op.id, actor, quiet=as_json)
     if as_json:
         print_json({"operation": done.to_json()})
         return
-    click.echo(f"bulk operation {done.id} {done.status}: {tally(done)}; {done.note or ''}")
+    echo(f"bulk operation {done.id} {done.status}: {tally(done)}; {done.note or ''}")
 
 
 def _follow(recovery: BulkRecovery, operation_id: str, actor: str, quiet: bool) -> BulkOperation:
@@ -163,7 +165,7 @@ def _follow(recovery: BulkRecovery, operation_id: str, actor: str, quiet: bool) 
             if stop.is_set() and recovery.get(operation_id).stop_requested_at is None:
                 recovery.stop(operation_id, actor)
             if not quiet and thread.is_alive():
-                click.echo(f"  {tally(recovery.get(operation_id))}", err=True)
+                echo(f"  {tally(recovery.get(operation_id))}", err=True)
     return recovery.get(operation_id)
 
 
@@ -174,7 +176,7 @@ def _follow(recovery: BulkRecovery, operation_id: str, actor: str, quiet: bool) 
 def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
     """Stop a running bulk operation before its next item (from any host)."""
     op = cli.engine().bulk_recovery().stop(operation_id, actor)
-    click.echo(f"bulk operation {op.id}: stop requested by {actor}; it is {op.status}")
+    echo(f"bulk operation {op.id}: stop requested by {actor}; it is {op.status}")
 
 
 @bulk.command("show")

@@ -8,9 +8,14 @@ only ``saga db upgrade`` (and ``saga demo``) do.
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import click
 from alembic.script import ScriptDirectory
@@ -19,10 +24,14 @@ from alembic.util import CommandError
 from engine.cli.errors import StoreNotReady
 from engine.errors import InvalidInput
 from engine.loader import AppModules, load_app
+from engine.origins import Origin, OriginKind
 from engine.registry import Registry
 from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.store import Store, backend_of, migrate, open_store, redacted, sqlite_path
+
+if sys.platform != "win32":
+    import pwd
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,11 @@ class Cli:
             self.on_close(self._engine.close)
         return self._engine
 
+    @cached_property
+    def origin(self) -> Origin:
+        """What the audit log records as the origin of this command's actions."""
+        return shell_origin()
+
     def on_close(self, closer: Callable[[], None]) -> None:
         """Call ``closer`` when the command ends, after those registered later."""
         self._closers.append(closer)
@@ -82,6 +96,42 @@ class Cli:
 
 
 pass_cli = click.make_pass_decorator(Cli)
+
+
+def shell_origin() -> Origin:
+    """``cli`` with the OS user and host running the command (``alice@ops-1``).
+
+    ``--actor`` names whoever the caller likes; this names the account the
+    process runs as, read from the password database by user id, since
+    ``$USER`` and ``$LOGNAME`` are claims as well. It never fails: a part the
+    system cannot tell is recorded as such.
+    """
+    return Origin(OriginKind.CLI, f"{_os_user()}@{_host()}")
+
+
+def _os_user() -> str:
+    if sys.platform != "win32":
+        try:
+            return _printable(pwd.getpwuid(os.getuid()).pw_name)
+        except KeyError:  # a user id with no entry (a container's): the environment's word
+            pass
+    try:
+        return _printable(getpass.getuser())
+    except (OSError, KeyError, ImportError):
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown user"
+
+
+def _host() -> str:
+    try:
+        return _printable(socket.gethostname()) or "unknown host"
+    except OSError:
+        return "unknown host"
+
+
+def _printable(text: str) -> str:
+    # Names the OS gives back as bytes that are not UTF-8 arrive as lone surrogates,
+    # which the store refuses: kept as escapes instead.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def require_store(url: str) -> None:

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import click
 
+from engine.display import visible
 from engine.errors import (
     ConcurrencyConflict,
     DefinitionError,
@@ -64,6 +65,10 @@ def error_message(exc: BaseException) -> str:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``saga: error: MESSAGE`` on standard error and exit with ``code``."""
-    click.echo(f"saga: error: {message}", err=True)
+    """Print ``saga: error: MESSAGE`` on standard error and exit with ``code``.
+
+    A message may quote a stored value (a step's name, an id given): its
+    control and bidirectional characters are shown as escapes.
+    """
+    click.echo(f"saga: error: {visible(message)}", err=True)
     sys.exit(code)

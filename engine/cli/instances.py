@@ -13,7 +13,7 @@ from engine.cli.params import (
     parse_state,
     shell_user,
 )
-from engine.cli.render import print_json, render_instances, render_show
+from engine.cli.render import echo, print_json, render_instances, render_show
 from engine.queries import InstanceFilter, Queries
 from engine.runtime import Started
 from engine.states import SagaState
@@ -63,11 +63,11 @@ def start(
 def _say_started(started: Started) -> None:
     inst = started.instance
     verb = "started" if started.created else "already started (same idempotency key)"
-    click.echo(f"{verb}: {inst.id} ({inst.saga_name} v{inst.saga_version}, {inst.state})")
-    click.echo(f"  correlation id: {inst.correlation_id}")
+    echo(f"{verb}: {inst.id} ({inst.saga_name} v{inst.saga_version}, {inst.state})")
+    echo(f"  correlation id: {inst.correlation_id}")
     if inst.business_key:
-        click.echo(f"  business key:   {inst.business_key}")
-    click.echo(f"  see it with:    saga show {inst.id}")
+        echo(f"  business key:   {inst.business_key}")
+    echo(f"  see it with:    saga show {inst.id}")
 
 
 @click.command("signal")
@@ -89,7 +89,8 @@ def _say_started(started: Started) -> None:
 @click.option(
     "--reason",
     default=None,
-    help="Why a person sends it: then the audit log records it as SENT_BY's action.",
+    help="Why a person sends it: then the audit log records it as SENT_BY's action "
+    "(a claim; the OS user and host are recorded beside it).",
 )
 @json_option
 @pass_cli
@@ -105,17 +106,20 @@ def signal_(
 ) -> None:
     """Deliver EVENT to saga SAGA_ID, for the step that waits for it (now or later)."""
     delivered = cli.engine().signal(
-        saga_id, event, parse_payload(data, "--data"), sent_by=sent_by, reason=reason
+        saga_id,
+        event,
+        parse_payload(data, "--data"),
+        sent_by=sent_by,
+        reason=reason,
+        origin=cli.origin,
     )
     inst = delivered.instance
     if as_json:
         print_json({"event": event, "taken": delivered.taken, "instance": instance_json(inst)})
     elif delivered.taken:
-        click.echo(
-            f"{event}: taken by saga {inst.id}, now {inst.state} at step {inst.current.name!r}"
-        )
+        echo(f"{event}: taken by saga {inst.id}, now {inst.state} at step {inst.current.name!r}")
     else:
-        click.echo(f"{event}: stored for saga {inst.id}; its step takes it when it begins waiting")
+        echo(f"{event}: stored for saga {inst.id}; its step takes it when it begins waiting")
 
 
 @click.command("list")

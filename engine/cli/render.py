@@ -2,6 +2,13 @@
 
 Commands decide what to say; this module decides how it looks. What a person
 reads may change between releases; the ``--json`` documents may not (docs/cli.md).
+
+Every line for people goes out through :func:`echo` or :func:`print_table`,
+which show control and bidirectional characters as escapes
+(:func:`engine.display.visible`): ids, names, business keys, errors, reasons and
+payloads come from outside, and must not move the cursor, clear or retitle the
+operator's terminal, or reorder a line. The ``--json`` documents print values
+exactly; JSON escapes control characters itself.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from typing import Any
 import click
 
 from engine.bulk.model import MAX_ITEMS, BulkItem, BulkOperation, DryRun
+from engine.display import visible
 from engine.model import now_ms
+from engine.origins import Origin
 from engine.queries import DeadLetterPage, Page
 
 #: Bumped when a ``--json`` document changes incompatibly (docs/cli.md).
@@ -26,20 +35,35 @@ def print_json(doc: dict[str, Any]) -> None:
     click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, **doc}, indent=2))
 
 
+def echo(line: str = "", *, err: bool = False) -> None:
+    """Print one line for people, its control and bidirectional characters escaped.
+
+    Only values put them there (the text of a command is plain), so escaping the
+    whole line escapes every value in it, and a newline in a value cannot start a
+    line of its own.
+    """
+    click.echo(visible(line), err=err)
+
+
 def print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: int = 0) -> None:
-    """Columns as wide as their widest cell; nothing at all when there are no rows."""
+    """Columns as wide as their widest cell; nothing at all when there are no rows.
+
+    Each cell is escaped (:func:`engine.display.visible`) before the widths are
+    measured, so a value with control characters stays in its column.
+    """
     if not rows:
         return
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=True)]
+    shown = [[visible(str(c)) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in shown) for i in range(len(header))]
+    for row in shown:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
         click.echo((" " * indent + "  ".join(cells)).rstrip())
 
 
 def print_more(next_cursor: str | None) -> None:
     """How to ask for the next page, when there is one."""
     if next_cursor:
-        click.echo(f"more: add --cursor {next_cursor}")
+        echo(f"more: add --cursor {next_cursor}")
 
 
 # -- times and text -------------------------------------------------------------
@@ -93,7 +117,7 @@ def render_instances(page: Page) -> None:
     ]
     print_table(("ID", "SAGA", "STATE", "STEP", "BUSINESS KEY", "UPDATED"), rows)
     if not rows:
-        click.echo("no instances match")
+        echo("no instances match")
     print_more(page.next_cursor)
 
 
@@ -114,14 +138,15 @@ def render_dead_letters(page: DeadLetterPage) -> None:
     header = ("ID", "SAGA", "FAILING STEP", "ATTEMPTS", "FIRST FAILURE", "LAST FAILURE", "ERROR")
     print_table(header, rows)
     if not rows:
-        click.echo("no dead letters: nothing waits for an operator")
+        echo("no dead letters: nothing waits for an operator")
     print_more(page.next_cursor)
 
 
 def render_show(doc: dict[str, Any]) -> None:
     """``saga show``, from the same document ``saga show --json`` prints."""
     _render_summary(doc)
-    click.echo("\nsteps")
+    echo()
+    echo("steps")
     print_table(
         ("#", "STEP", "KIND", "ACTION", "COMPENSATION"),
         [
@@ -136,7 +161,8 @@ def render_show(doc: dict[str, Any]) -> None:
         ],
         indent=2,
     )
-    click.echo("\ntimeline")
+    echo()
+    echo("timeline")
     print_table(
         ("TIME", "EVENT", "STEP", "ATTEMPT", "ACTOR", "ERROR"),
         [
@@ -158,7 +184,7 @@ def render_show(doc: dict[str, Any]) -> None:
 def _render_summary(doc: dict[str, Any]) -> None:
     inst = doc["instance"]
     allowed = doc["allowed_actions"]
-    click.echo(
+    echo(
         f"saga {inst['id']}  {inst['saga_name']} v{inst['saga_version']}  "
         f"{inst['state']}  (version {inst['version']})"
     )
@@ -180,29 +206,37 @@ def _render_summary(doc: dict[str, Any]) -> None:
         ("actions", actions),
     ):
         if value:
-            click.echo(f"  {label + ':':<17}{value}")
+            echo(f"  {label + ':':<17}{value}")
 
 
 def _render_records(doc: dict[str, Any]) -> None:
     if doc["dead_letters"]:
-        click.echo("\ndead letters")
+        echo()
+        echo("dead letters")
         for d in doc["dead_letters"]:
             state = (
                 f"resolved by {d['resolved_by']} ({d['resolution']})"
                 if d["resolved_at"]
                 else "open"
             )
-            click.echo(
+            echo(
                 f"  {when(d['created_at'])}  {d['step_name']} {d['phase']} after "
                 f"{d['attempts']} attempts: {first_line(d['error'])}  [{state}]"
             )
     if doc["operator_actions"]:
-        click.echo("\noperator actions")
+        echo()
+        echo("operator actions")
         for a in doc["operator_actions"]:
-            click.echo(
-                f"  {when(a['at'])}  {a['actor']} {a['action']} at {a['step_name']}: "
-                f"{a['state_before']} -> {a['state_after']}  reason: {a['reason']}"
+            echo(
+                f"  {when(a['at'])}  {a['actor']} (from {_origin(a)}) {a['action']} at "
+                f"{a['step_name']}: {a['state_before']} -> {a['state_after']}  "
+                f"reason: {a['reason']}"
             )
+
+
+def _origin(action: dict[str, Any]) -> str:
+    """Where an audited action came from (``cli: alice@ops-1``): its actor is only a claim."""
+    return str(Origin.of(action["origin"], action["origin_detail"]))
 
 
 def _side(side: dict[str, Any]) -> str:
@@ -234,9 +268,9 @@ def tally(op: BulkOperation) -> str:
 def render_dry_run(dry: DryRun) -> None:
     """What a bulk action would touch: the count and a sample."""
     if dry.too_many:
-        click.echo(f"matches more than {MAX_ITEMS:,} instances: narrow the filter")
+        echo(f"matches more than {MAX_ITEMS:,} instances: narrow the filter")
         return
-    click.echo(f"{dry.action} would touch {dry.count} instance(s): {dry.selection.describe()}")
+    echo(f"{dry.action} would touch {dry.count} instance(s): {dry.selection.describe()}")
     print_table(
         ("ID", "SAGA", "STATE", "STEP", "APPLIES", "ERROR"),
         [
@@ -253,17 +287,17 @@ def render_dry_run(dry: DryRun) -> None:
         indent=2,
     )
     if dry.count > len(dry.sample):
-        click.echo(f"  ... and {dry.count - len(dry.sample)} more")
+        echo(f"  ... and {dry.count - len(dry.sample)} more")
 
 
 def render_bulk_report(op: BulkOperation, items: Sequence[BulkItem]) -> None:
     """``saga bulk show``: the operation's settings and totals, then every item."""
-    click.echo(f"bulk operation {op.id}: {op.action} by {op.created_by}, {op.status}")
-    click.echo(f"  filter:  {op.selection.describe()}")
-    click.echo(f"  reason:  {op.reason}")
-    click.echo(f"  totals:  {tally(op)}")
+    echo(f"bulk operation {op.id}: {op.action} by {op.created_by}, {op.status}")
+    echo(f"  filter:  {op.selection.describe()}")
+    echo(f"  reason:  {op.reason}")
+    echo(f"  totals:  {tally(op)}")
     if op.note:
-        click.echo(f"  note:    {op.note}")
+        echo(f"  note:    {op.note}")
     print_table(
         ("#", "ID", "BEFORE", "OUTCOME", "AFTER", "NOW", "WHY"),
         [

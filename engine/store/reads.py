@@ -228,11 +228,13 @@ class Reads:
         action: str | None,
         before_id: int | None,
         limit: int,
+        origin: str | None = None,
     ) -> list[Row]:
         """The audit log, newest first; each of the filters given must match."""
         a = t.operator_actions.c
         query = sa.select(t.operator_actions).order_by(a.id.desc()).limit(limit)
-        for column, value in ((a.saga_id, saga_id), (a.actor, actor), (a.action, action)):
+        filters = ((a.saga_id, saga_id), (a.actor, actor), (a.action, action), (a.origin, origin))
+        for column, value in filters:
             if value:
                 query = query.where(column == value)
         if before_id is not None:

@@ -212,6 +212,10 @@ operator_actions = sa.Table(
     sa.Column("version_after", sa.Integer, nullable=False),
     sa.Column("step_name", sa.String(100), nullable=True),
     sa.Column("detail", JsonType, nullable=True),
+    # Where the action came from, beside the actor it claims (engine/origins.py);
+    # "unknown" for the entries written before the origin was kept.
+    sa.Column("origin", sa.String(20), nullable=False, server_default="unknown"),
+    sa.Column("origin_detail", sa.String(200), nullable=True),
     sa.Index("ix_saga_operator_actions_saga", "saga_id", "id"),
     sa.Index("ix_saga_operator_actions_at", "at"),
 )
@@ -310,6 +314,9 @@ bulk_operations = sa.Table(
     sa.Column("stop_requested_at", Millis, nullable=True),
     sa.Column("stop_requested_by", sa.String(150), nullable=True),
     sa.Column("note", sa.Text, nullable=True),
+    # The origin of whoever created it: each item's audit entry is recorded with it.
+    sa.Column("origin", sa.String(20), nullable=False, server_default="unknown"),
+    sa.Column("origin_detail", sa.String(200), nullable=True),
     sa.Index("ix_saga_bulk_operations_created", "created_at", "id"),
 )
 

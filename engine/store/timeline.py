@@ -8,13 +8,14 @@ the store composes them into the one transaction of a transition.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from engine.model import Event, Instance, Transition
+from engine.origins import Origin
 from engine.states import SagaState
 from engine.store import schema as t
 from engine.store.rows import event_row
@@ -22,12 +23,17 @@ from engine.store.rows import event_row
 
 @dataclass(frozen=True)
 class OperatorRecord:
-    """An operator action to append to the audit log with its transition."""
+    """An operator action to append to the audit log with its transition.
+
+    ``actor`` is who the caller says acts; ``origin`` is the door it came
+    through, which every caller must name (:mod:`engine.origins`).
+    """
 
     actor: str
     action: str
     reason: str
     detail: dict[str, Any] | None = None
+    origin: Origin = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ def insert_operator_action(
             version_after=after[1],
             step_name=step_name or old.current.name,
             detail=op.detail,
+            origin=str(op.origin.kind),
+            origin_detail=op.origin.detail,
         )
     )
 

@@ -43,6 +43,7 @@ from engine.definition import Retry, Saga, StuckPolicy
 from engine.errors import ConcurrencyConflict, InvalidTransition, SagaNotFound, UnknownSaga
 from engine.model import Transition
 from engine.operations import Operations
+from engine.origins import Origin
 from engine.registry import Registry
 from engine.states import SagaState
 from engine.store import DeadLetterRef, Overdue, StuckCandidate, StuckMark
@@ -76,6 +77,8 @@ class Sweeps:
         self.transport = c.transport
         self.clock = c.clock
         self.operations = Operations(c.store, c.registry, c.transport, c.clock)
+        #: What the audit log records as the origin of this sweeper's own actions.
+        self.origin = Origin.sweeper(c.owner)
         self.batch = settings.sweep_batch
         self.redispatch_ms = int(settings.sweep_redispatch_seconds * 1000)
         self.retention_days = settings.retention_days
@@ -193,7 +196,13 @@ class Sweeps:
         reason = f"stuck: no progress since {since}; the saga's stuck policy is {action}"
         act = self.operations.retry if action == StuckPolicy.RETRY else self.operations.compensate
         try:
-            act(found.id, actor=SWEEPER, reason=reason, expected_version=found.version)
+            act(
+                found.id,
+                actor=SWEEPER,
+                reason=reason,
+                expected_version=found.version,
+                origin=self.origin,
+            )
         except (InvalidTransition, ConcurrencyConflict, SagaNotFound) as exc:
             # The state moved on or does not allow it (an attempt still in flight
             # under a live lease): the instance stays flagged for a person.
@@ -243,6 +252,7 @@ class Sweeps:
                 actor=SWEEPER,
                 reason=f"automatic dead-letter retry {n}/{policy.max_attempts}",
                 expected_version=inst.version,
+                origin=self.origin,
             )
         except (SagaNotFound, UnknownSaga, InvalidTransition, ConcurrencyConflict) as exc:
             # It changed since it was planned (an operator acted, the saga type

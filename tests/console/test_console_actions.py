@@ -58,6 +58,8 @@ class TestActions:
         assert response.location == f"/sagas/{inst.id}"
         assert saga_engine.get(inst.id).state is SagaState.RUNNING
         assert self._audit(saga_engine, inst.id) == [("operator", "retry", "carrier is back")]
+        [entry] = Queries(saga_engine.store).operator_actions(saga_id=inst.id)
+        assert (entry.origin, entry.origin_detail) == ("console", "operator")
         page = text(operator.get(response.location))
         assert "Retry now: done" in page
         assert "carrier is back" in page.split('id="operator-actions"')[1]

@@ -8,6 +8,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from engine import SagaEngine
+from engine.origins import Origin, OriginKind
 from tests.console.support import text
 
 
@@ -53,7 +54,41 @@ def test_pages_newest_first(viewer: FlaskClient, saga_engine: SagaEngine) -> Non
     assert "Older »" not in second
 
 
-@pytest.mark.parametrize("query", ["action=delete", "before=abc", "saga_id=" + "x" * 37])
+def test_shows_the_claimed_actor_beside_the_origin_and_filters_by_origin(
+    operator: FlaskClient, viewer: FlaskClient, saga_engine: SagaEngine
+) -> None:
+    clicked = saga_engine.start("order", {}).instance
+    done = operator.post(
+        f"/sagas/{clicked.id}/actions/cancel",
+        data={"reason": "duplicate", "expected_version": clicked.version},
+    )
+    assert done.status_code == 302
+    # Someone at a shell claims to be the same operator: the origin tells them apart.
+    typed = saga_engine.start("order", {}).instance
+    saga_engine.operations.cancel(
+        typed.id,
+        actor="operator",
+        reason="duplicate",
+        expected_version=typed.version,
+        origin=Origin(OriginKind.CLI, "mallory@laptop"),
+    )
+
+    everything = text(viewer.get("/audit")).split('id="audit"')[1]
+    from_cli = text(viewer.get("/audit?origin=cli")).split('id="audit"')[1]
+    from_console = text(viewer.get("/audit?origin=console")).split('id="audit"')[1]
+
+    assert "mallory@laptop" in everything and 'class="origin origin-console"' in everything
+    assert typed.id in from_cli and clicked.id not in from_cli
+    assert "mallory@laptop" in from_cli and "origin-cli" in from_cli
+    assert clicked.id in from_console and typed.id not in from_console
+    assert '<option value="cli" selected>' in text(viewer.get("/audit?origin=cli"))
+    instance_page = text(viewer.get(f"/sagas/{typed.id}")).split('id="operator-actions"')[1]
+    assert "mallory@laptop" in instance_page
+
+
+@pytest.mark.parametrize(
+    "query", ["action=delete", "before=abc", "saga_id=" + "x" * 37, "origin=root"]
+)
 def test_malformed_filters_are_400(viewer: FlaskClient, query: str) -> None:
     assert viewer.get(f"/audit?{query}").status_code == 400
 

@@ -129,6 +129,7 @@ class TestRunning:
             (entry,) = Queries(saga_engine.store).operator_actions(saga_id=saga_id)
             assert (entry.actor, entry.action) == ("operator", "retry")
             assert entry.detail == {"bulk_operation": op_id}
+            assert (entry.origin, entry.origin_detail) == ("console", "operator")
         assert op_id in text(operator.get("/bulk"))
 
     def test_a_count_that_changed_since_the_dry_run_is_409_and_starts_nothing(

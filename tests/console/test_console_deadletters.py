@@ -157,6 +157,7 @@ class TestActing:
         assert after.payload == {"amount": 7} and after.state is SagaState.RUNNING
         (entry,) = Queries(saga_engine.store).operator_actions(saga_id=inst.id)
         assert (entry.action, entry.reason) == ("edit_retry", "amount was wrong")
+        assert (entry.origin, entry.origin_detail) == ("console", "operator")
         assert entry.detail == {"payload_before": {"amount": 5}, "payload_after": {"amount": 7}}
         log = text(operator.get("/audit?action=edit_retry"))
         assert "Payload edited: before and after" in log

@@ -195,6 +195,7 @@ class TestSendSignal:
         assert row.step_name == EVENT
         assert (row.version_before, row.version_after) == (inst.version, inst.version + 1)
         assert row.detail == {"event": EVENT, "data": {"approved": True}, "taken": True}
+        assert (row.origin, row.origin_detail) == ("console", "operator")
         audit = text(operator.get("/audit")).split('id="audit"')[1]
         for shown in (
             "operator",
