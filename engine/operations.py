@@ -1,8 +1,10 @@
 """The operations API: what an operator can do, for the CLI and the console alike.
 
-Every action takes an actor and a reason, checks the version the caller saw,
-applies the pure rule from :mod:`engine.interventions`, and stores the
-transition with its audit record in one transaction. Reads for listing and
+Every action takes an actor and a reason, refuses an id, actor or reason the
+store could not keep (:mod:`engine.inputs`) before anything is read, checks
+the version the caller saw, applies the pure rule from
+:mod:`engine.interventions`, and stores the transition with its audit record
+in one transaction. Reads for listing and
 showing instances live in :mod:`engine.queries`.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 from engine import interventions
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
-from engine.inputs import MAX_REASON, check_text
+from engine.inputs import MAX_REASON, check_id, check_text
 from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance, Transition
 from engine.registry import Registry
@@ -138,6 +140,7 @@ class Operations:
         record = OperatorRecord(
             check_actor(actor), interventions.BULK_NOT_APPLIED, check_reason(reason), detail
         )
+        check_id("saga id", saga_id)
         retry_on_disconnect(
             lambda: self.store.append_operator_note(self.store.load(saga_id), record, self.clock())
         )
@@ -149,6 +152,7 @@ class Operations:
         rule: Callable[[Instance, Saga, int], Transition],
         record: Callable[[Instance], OperatorRecord],
     ) -> Instance:
+        check_id("saga id", saga_id)
         saved = retry_on_disconnect(
             lambda: self._change_once(saga_id, expected_version, rule, record)
         )
