@@ -20,9 +20,11 @@ from console import create_app
 from console.serve import ConsoleServer
 from console.services import Services
 from engine.cli.context import Cli, check_url, pass_cli
+from engine.cli.errors import BadInput
 from engine.cli.params import Text, WholeNumber
 from engine.cli.processes import stop_on_signals
 from engine.demo import DemoOptions, prepare, run_demo
+from engine.errors import InvalidInput
 from engine.inputs import MAX_BIGINT
 from engine.runtime import SagaEngine
 from engine.settings import Settings
@@ -158,7 +160,9 @@ def _run(op: Callable[[UserStore], T]) -> T:
         else open_store(Settings.from_env().database_url, pool_size=1)
     )
     try:
-        return op(UserStore(store.db))  # InvalidInput: the saga group makes it exit 2
+        return op(UserStore(store.db))
+    except InvalidInput as exc:
+        raise BadInput(str(exc)) from exc  # exit 2, as everywhere: not an unexpected error
     finally:
         if cli is None:
             store.dispose()
