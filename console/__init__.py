@@ -38,11 +38,12 @@ import console.formatting
 import console.health
 import console.htmx
 import console.metrics
+import console.params
 import console.poison
 import console.sagas
 import console.services
 from engine import __version__
-from engine.errors import InvalidInput
+from engine.inputs import parse_int
 
 __all__ = ["create_app"]
 
@@ -79,6 +80,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     console.htmx.Htmx(app)
     console.services.init_app(app)
     console.auth.init_app(app)
+    console.params.init_app(app)  # after the sign-in check: anonymous requests go to sign in
     console.errors.init_app(app)
     console.formatting.init_app(app)
     for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
@@ -133,11 +135,7 @@ def _settings_from_env() -> dict[str, Any]:
 def _proxy_count(raw: str | None) -> int:
     if not raw:
         return 0
-    if not raw.isdigit() or int(raw) > 5:
-        raise InvalidInput(
-            "SAGA_CONSOLE_TRUSTED_PROXIES", f"expected how many proxies (0 to 5), got {raw!r}"
-        )
-    return int(raw)
+    return parse_int("SAGA_CONSOLE_TRUSTED_PROXIES", raw, low=0, high=5)
 
 
 def _trust_proxies(app: Flask) -> None:

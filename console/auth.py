@@ -43,6 +43,9 @@ PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "static", "metrics
 
 F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 
+# The longest page to return to after sign-in: a URL a browser and a proxy keep.
+_MAX_NEXT = 2000
+
 
 class ConsoleUser:
     """A signed-in user as Flask-Login sees it."""
@@ -217,11 +220,15 @@ def _users_page(form: AddUserForm) -> str:
 
 def _safe_next(target: str | None) -> str | None:
     """``target`` if it is a path on this site, else None (no open redirects)."""
-    if not target:
+    if not target or len(target) > _MAX_NEXT:
         return None
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    # One leading slash and no backslash (browsers read it as a slash): a path, not
+    # another host. No control character: CR and LF cannot go in a Location header.
+    if not target.startswith("/") or target.startswith("//"):
         return None
-    if "\\" in target:
+    if "\\" in target or not target.isprintable():
+        return None
+    parts = urlsplit(target)  # cannot raise now: only a host part ("//[") makes it
+    if parts.scheme or parts.netloc:
         return None
     return target.rstrip("?")

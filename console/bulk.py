@@ -39,6 +39,7 @@ from console.services import (
     SelectionChanged,
 )
 from engine.errors import InvalidInput, InvalidTransition
+from engine.inputs import optional_int
 from engine.model import now_ms
 from engine.operations import Action, Origin
 from engine.states import SagaState
@@ -273,10 +274,8 @@ def _text(form: Mapping[str, str], name: str, limit: int) -> str | None:
 
 
 def _int(form: Mapping[str, str], name: str, low: int, high: int) -> int:
-    raw = form.get(name, "").strip() or str(low)
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise InvalidInput(name, f"{raw!r} is not a whole number from {low} to {high:,}")
-    return int(raw)
+    found = optional_int(name, form.get(name), low=low, high=high)
+    return low if found is None else found
 
 
 def _float(form: Mapping[str, str], name: str, low: float, high: float) -> float:

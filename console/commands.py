@@ -20,14 +20,17 @@ from console import create_app
 from console.serve import ConsoleServer
 from console.services import Services
 from engine.cli.context import Cli, check_url, pass_cli
+from engine.cli.errors import BadInput
+from engine.cli.params import Text, WholeNumber
 from engine.cli.processes import stop_on_signals
 from engine.demo import DemoOptions, prepare, run_demo
 from engine.display import visible
 from engine.errors import InvalidInput
+from engine.inputs import MAX_BIGINT
 from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.store import open_store
-from engine.users import Role, UserStore
+from engine.users import MAX_PASSWORD, Role, UserStore
 
 ROLES = [r.value for r in Role]
 T = TypeVar("T")
@@ -49,7 +52,7 @@ DEVELOPMENT_SERVER_NOTE = (
     "--port",
     default=8000,
     show_default=True,
-    type=click.IntRange(0, 65535),
+    type=WholeNumber(0, 65535),
     help="Port to listen on (0 picks a free one).",
 )
 def console_command(host: str, port: int) -> None:
@@ -80,13 +83,17 @@ def _say_what_is_missing(services: Services) -> None:
         click.echo("No users yet: create one with `saga user add NAME --role admin`.", err=True)
 
 
+#: The longest console user name, in the users' rules (engine.users) and the table.
+USER_NAME = Text(150)
+
+
 @click.group("user")
 def user_group() -> None:
     """Manage console users (kept in the store, passwords hashed)."""
 
 
 @user_group.command("add")
-@click.argument("name")
+@click.argument("name", type=USER_NAME)
 @click.option(
     "--role",
     type=click.Choice(ROLES),
@@ -96,6 +103,7 @@ def user_group() -> None:
 )
 @click.option(
     "--password",
+    type=Text(MAX_PASSWORD),  # a password the hash can encode: no lone surrogate
     prompt=True,
     hide_input=True,
     confirmation_prompt=True,
@@ -117,7 +125,7 @@ def list_users() -> None:
 
 
 @user_group.command("set-role")
-@click.argument("name")
+@click.argument("name", type=USER_NAME)
 @click.argument("role", type=click.Choice(ROLES))
 def set_role(name: str, role: str) -> None:
     """Change the role of console user NAME."""
@@ -126,7 +134,7 @@ def set_role(name: str, role: str) -> None:
 
 
 @user_group.command("disable")
-@click.argument("name")
+@click.argument("name", type=USER_NAME)
 @click.option("--enable", is_flag=True, help="Enable the user again instead.")
 def disable(name: str, enable: bool) -> None:
     """Disable console user NAME (their sessions end at their next request)."""
@@ -156,7 +164,7 @@ def _run(op: Callable[[UserStore], T]) -> T:
     try:
         return op(UserStore(store.db))
     except InvalidInput as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise BadInput(str(exc)) from exc  # exit 2, as everywhere: not an unexpected error
     finally:
         if cli is None:
             store.dispose()
@@ -215,18 +223,23 @@ def start_demo_console(engine: SagaEngine, host: str, port: int) -> tuple[Consol
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(1, 1000),
+    type=WholeNumber(1, 1000),
     default=None,
     help="Worker concurrency (default: $SAGA_CONCURRENCY or 8).",
 )
-@click.option("--seed", type=int, default=None, help="Seed the outcome mix, to repeat a run.")
+@click.option(
+    "--seed",
+    type=WholeNumber(-MAX_BIGINT, MAX_BIGINT),
+    default=None,
+    help="Seed the outcome mix, to repeat a run.",
+)
 @click.option(
     "--console/--no-console", default=True, show_default=True, help="Serve the console too."
 )
 @click.option("--console-host", default="127.0.0.1", show_default=True)
 @click.option(
     "--console-port",
-    type=click.IntRange(0, 65535),
+    type=WholeNumber(0, 65535),
     default=8000,
     show_default=True,
     help="Port of the console; when taken, a free one is used.",

@@ -24,6 +24,7 @@ from console.forms import ActionForm, parse_json
 from console.params import check_seen_version
 from console.services import Role
 from engine.errors import InvalidInput, InvalidTransition, UnknownSaga
+from engine.inputs import MAX_NAME, optional_text
 from engine.model import Instance
 from engine.operations import Action, Origin
 from engine.states import SagaState
@@ -59,9 +60,9 @@ CHOICES = {
 @bp.get("/dead-letters")
 def dead_letters() -> ResponseReturnValue:
     """Every dead-lettered instance, newest first, with its failing step and error."""
-    saga_name = _arg("saga", 100)
-    step_name = _arg("step", 100)
-    before = _arg("before", 80)
+    saga_name = _arg("saga", MAX_NAME)
+    step_name = _arg("step", MAX_NAME)
+    before = _arg("before", 80)  # a cursor: engine.queries parses it
     svc = services.get()
     page = svc.queries.dead_lettered(
         saga_name=saga_name, step_name=step_name, limit=PAGE_SIZE, before=before
@@ -202,12 +203,7 @@ def _check_dead_lettered(inst: Instance, picked: Choice) -> None:
 
 
 def _arg(name: str, limit: int) -> str | None:
-    raw = request.args.get(name, "").strip()
-    if not raw:
-        return None
-    if len(raw) > limit:
-        raise InvalidInput(name, f"is {len(raw)} characters; the limit is {limit}")
-    return raw
+    return optional_text(name, request.args.get(name), limit=limit)
 
 
 def _pretty(value: Any) -> str:

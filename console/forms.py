@@ -14,10 +14,11 @@ from wtforms import (
     StringField,
     TextAreaField,
 )
-from wtforms.validators import DataRequired, InputRequired, Length, NumberRange
+from wtforms.validators import DataRequired, InputRequired, Length
 
 from console.services import MAX_PASSWORD, MIN_PASSWORD, Role
 from engine.errors import InvalidInput
+from engine.inputs import MAX_INT32, parse_int
 from engine.operations import MAX_REASON, check_json
 
 ROLE_CHOICES = [r.value for r in Role]
@@ -31,6 +32,26 @@ class LoginForm(FlaskForm):
     next = HiddenField()
 
 
+class WholeNumberField(IntegerField):
+    """A whole number in ASCII digits from ``low`` to ``high`` (:func:`engine.inputs.parse_int`);
+    anything else (``²``, ``1e3``, 5,000 digits) is an error on the field."""
+
+    data: Any  # the number, or None when missing or refused (wtforms is untyped)
+
+    def __init__(self, *args: Any, low: int = 0, high: int = MAX_INT32, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.low, self.high = low, high
+
+    def process_formdata(self, valuelist: list[Any]) -> None:
+        if not valuelist:
+            return
+        try:
+            self.data = parse_int(self.name, str(valuelist[0]), low=self.low, high=self.high)
+        except InvalidInput as exc:
+            self.data = None
+            raise ValueError(exc.problem) from None
+
+
 class ActionForm(FlaskForm):
     """An operator action: why, and the version of the instance the operator saw."""
 
@@ -38,11 +59,9 @@ class ActionForm(FlaskForm):
         "Reason (goes in the audit log)",
         validators=[DataRequired("Say why you are doing this."), Length(max=MAX_REASON)],
     )
-    expected_version = IntegerField(
-        validators=[
-            InputRequired("The form lost the version you saw; reload the saga."),
-            NumberRange(min=1),
-        ],
+    expected_version = WholeNumberField(
+        validators=[InputRequired("The form lost the version you saw; reload the saga.")],
+        low=1,
     )
 
 
@@ -73,6 +92,8 @@ def parse_json(text: str) -> Any:
         raise ValueError(
             f"it is not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    except ValueError:  # a number past int()'s 4,300 digits
+        raise ValueError("a number in it has too many digits") from None
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
     try:

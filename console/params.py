@@ -1,22 +1,44 @@
-"""Parsing of query strings into engine filters; malformed input raises InvalidInput (400).
+"""Input at the door: query strings into engine filters; malformed input raises InvalidInput (400).
 
 Filters live in the query string, so a link, a reload and the live refresh
-all show the same list.
+all show the same list. Each value is checked with :mod:`engine.inputs`: text
+the store could not take (a NUL; a lone surrogate) or longer than its field
+allows, and numbers that are not ASCII digits in range, are refused with the
+field named, so a database error is never the answer to bad input.
+
+:func:`init_app` adds the backstop for every route, new ones included: a path
+parameter, query parameter or form field holding text no store could keep is
+refused before the view runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from flask import Flask, request
+
 from engine.errors import InvalidInput
+from engine.inputs import (
+    MAX_BIGINT,
+    MAX_ID,
+    MAX_INT32,
+    MAX_KEY,
+    MAX_NAME,
+    optional_int,
+    optional_text,
+    problem_in_text,
+)
 from engine.model import Instance
-from engine.operations import AUDIT_ACTIONS, Action, OriginKind, check_version
+from engine.operations import AUDIT_ACTIONS, MAX_ACTOR, Action, OriginKind, check_version
 from engine.queries import InstanceFilter
 from engine.states import SagaState
 
-MAX_TEXT = 200
+#: The search box: a saga id, correlation id or business key, the longest of which is a key.
+MAX_TEXT = MAX_KEY
+#: A page cursor of the instance list: epoch milliseconds, "_", a saga id.
+MAX_CURSOR = 15 + 1 + MAX_ID
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 
 
@@ -47,7 +69,7 @@ def parse_list(args: Mapping[str, str]) -> ListQuery:
     """
     stuck = args.get("state", "").strip() == "stuck"
     state = None if stuck else _state(args.get("state", ""))
-    saga = _text(args, "saga", 100)
+    saga = _text(args, "saga", MAX_NAME)
     created_from = _time(args, "from")
     created_to = _time(args, "to")
     if created_from is not None and created_to is not None and created_from >= created_to:
@@ -60,7 +82,7 @@ def parse_list(args: Mapping[str, str]) -> ListQuery:
         stuck=stuck,
     )
     kept = {k: args[k].strip() for k in ("state", "saga", "from", "to") if args.get(k, "").strip()}
-    return ListQuery(flt, _text(args, "cursor", 300), kept)
+    return ListQuery(flt, _text(args, "cursor", MAX_CURSOR), kept)
 
 
 def parse_search(args: Mapping[str, str]) -> str | None:
@@ -77,16 +99,14 @@ def parse_audit(args: Mapping[str, str]) -> AuditQuery:
     origin = _text(args, "origin", 20)
     if origin is not None and origin not in set(OriginKind):
         raise InvalidInput("origin", f"{origin!r} is not one of {', '.join(OriginKind)}")
-    before = _text(args, "before", 20)
-    if before is not None and not before.isdigit():
-        raise InvalidInput("before", f"{before!r} is not a page cursor from this list")
     filters = ("actor", "action", "origin", "saga_id")
     kept = {k: args[k].strip() for k in filters if args.get(k, "").strip()}
     return AuditQuery(
-        _text(args, "actor", 200),
+        _text(args, "actor", MAX_ACTOR),
         action,
-        _text(args, "saga_id", 36),
-        int(before) if before is not None else None,
+        _text(args, "saga_id", MAX_ID),
+        # The id of the last entry on the previous page.
+        optional_int("before", args.get("before"), low=0, high=MAX_BIGINT),
         kept,
         origin,
     )
@@ -112,12 +132,7 @@ def _state(raw: str) -> SagaState | None:
 
 
 def _text(args: Mapping[str, str], name: str, limit: int) -> str | None:
-    raw = args.get(name, "").strip()
-    if not raw:
-        return None
-    if len(raw) > limit:
-        raise InvalidInput(name, f"is {len(raw)} characters; the limit is {limit}")
-    return raw
+    return optional_text(name, args.get(name), limit=limit)
 
 
 def _time(args: Mapping[str, str], name: str) -> int | None:
@@ -135,5 +150,29 @@ def _time(args: Mapping[str, str], name: str) -> int | None:
 
 def check_seen_version(inst: Instance, seen: str | None) -> None:
     """The version a link or form carried (``?version=``) must still be the instance's;
-    a missing or malformed one checks nothing."""
-    check_version(inst, int(seen) if seen is not None and seen.isdigit() else None)
+    a missing one checks nothing, a malformed one is refused."""
+    check_version(inst, optional_int("version", seen, low=0, high=MAX_INT32))
+
+
+def init_app(app: Flask) -> None:
+    """Refuse, on every route, input that no store could keep (after the sign-in check)."""
+    app.before_request(refuse_unstorable_input)
+
+
+def refuse_unstorable_input() -> None:
+    """InvalidInput (400) naming the first path parameter, query parameter or form
+    field whose text the store could not keep: a NUL, or a lone surrogate.
+
+    Each view checks its own fields' format and length too; this is the backstop
+    that keeps such text from every query, whatever a view does with it.
+    """
+    for name, value in _given():
+        problem = problem_in_text(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise InvalidInput(name.replace("_", " "), problem)
+
+
+def _given() -> Iterator[tuple[str, object]]:
+    yield from (request.view_args or {}).items()
+    yield from request.args.items(multi=True)
+    yield from request.form.items(multi=True)

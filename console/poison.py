@@ -26,7 +26,8 @@ from flask.typing import ResponseReturnValue
 
 from console import services
 from console.services import PoisonReader, PoisonRecord
-from engine.errors import InvalidInput, TransportError
+from engine.errors import TransportError
+from engine.inputs import optional_int
 
 bp = Blueprint("poison", __name__)
 
@@ -122,12 +123,8 @@ def _page(
 
 def parse_limit(args: Mapping[str, str]) -> int:
     """``?limit=``: how many records to show, 1 to :data:`MAX_LIMIT`; absent means the default."""
-    raw = args.get("limit", "").strip()
-    if not raw:
-        return DEFAULT_LIMIT
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise InvalidInput("limit", f"{raw[:20]!r} is not a whole number from 1 to {MAX_LIMIT}")
-    return int(raw)
+    found = optional_int("limit", args.get("limit"), low=1, high=MAX_LIMIT)
+    return DEFAULT_LIMIT if found is None else found
 
 
 def describe(record: PoisonRecord) -> SetAside:

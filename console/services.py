@@ -24,6 +24,8 @@ the views and their helpers, imports from the engine only:
 - :mod:`engine.states` and :mod:`engine.model`: the pure vocabulary of
   instances, steps and events that the pages show;
 - :mod:`engine.settings`: the engine's settings;
+- :mod:`engine.inputs`: the checks every value from a URL or a form passes at
+  the door (text the store can keep, lengths, ASCII-digit numbers in a range);
 
 and takes the facades below, and their own types, from this module: ``Role``,
 ``User``, ``UserStore`` and the password limits (users); the bulk records and

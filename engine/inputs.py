@@ -12,8 +12,16 @@ Limits that users see (documented in docs/defining-sagas.md and docs/console.md)
 
 - identifiers a caller chooses (business key, correlation id, idempotency key,
   actor names): at most :data:`MAX_KEY` characters;
+- ids the engine gave out (a saga id, a bulk operation's id): at most
+  :data:`MAX_ID` characters;
+- names in a definition (saga, step), when a caller filters by them: at most
+  :data:`MAX_NAME` characters;
 - free text (reasons): at most :data:`MAX_REASON` characters;
 - integers: ASCII digits only, within the range each field names.
+
+Reads check what they are asked to match too (:func:`check_id`,
+:func:`check_filter`): a filter with a NUL is refused as bad input, not
+answered with a database error.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from engine.errors import InvalidInput
 
 #: Business keys, correlation ids, idempotency keys: what a caller chooses to find an instance by.
 MAX_KEY = 200
+#: A saga id or a bulk operation's id: the engine writes them as UUIDs (36 characters).
+MAX_ID = 36
+#: A saga's or a step's name (docs/defining-sagas.md).
+MAX_NAME = 100
 #: An operator's reason for an action.
 MAX_REASON = 2000
 #: The largest value of a 64-bit column (timestamps, ids).
@@ -81,16 +93,45 @@ def check_key(field: str, value: str | None) -> str | None:
     return check_text(field, value, limit=MAX_KEY, strip=False)
 
 
+def check_id(field: str, value: str) -> str:
+    """An id the engine gave out (a saga id, a bulk operation's id), as the caller typed it.
+
+    Ids are matched exactly, so they are not stripped. One too long to be an id is
+    refused here rather than looked up: no stored row could have it.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(field, "must be a non-empty string")
+    return check_text(field, value, limit=MAX_ID, strip=False)
+
+
+def check_filter(field: str, value: str | None, *, limit: int) -> str | None:
+    """A value a read matches against the store (a name, a search), unchanged, or None.
+
+    Refused when the store could not take it as a parameter (a NUL, a lone
+    surrogate) or when it is longer than any stored value it could match.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(field, "must be text")
+    problem = problem_in_text(value)
+    if problem is not None:
+        raise InvalidInput(field, problem)
+    if len(value) > limit:
+        raise InvalidInput(field, f"is {len(value):,} characters; the limit is {limit:,}")
+    return value
+
+
 def parse_int(field: str, raw: str, *, low: int = 0, high: int = MAX_BIGINT) -> int:
     """The integer written in ``raw`` (ASCII digits, an optional minus), within [low, high]."""
     text = raw.strip() if isinstance(raw, str) else ""
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    wanted = f"{shown!r} is not a whole number from {low:,} to {high:,}"
     if not _ASCII_INTEGER.fullmatch(text) or len(text.lstrip("-")) > _MAX_DIGITS:
-        shown = text if len(text) <= 40 else text[:40] + "…"
-        raise InvalidInput(field, f"{shown!r} is not a whole number")
-    value = int(text)
-    if not low <= value <= high:
-        raise InvalidInput(field, f"must be between {low:,} and {high:,}")
-    return value
+        raise InvalidInput(field, wanted)
+    if not low <= int(text) <= high:
+        raise InvalidInput(field, wanted)
+    return int(text)
 
 
 def optional_int(

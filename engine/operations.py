@@ -1,11 +1,13 @@
 """The operations API: what an operator can do, for the CLI and the console alike.
 
-Every action takes an actor and a reason, checks the version the caller saw,
-applies the pure rule from :mod:`engine.interventions`, and stores the
-transition with its audit record in one transaction. The actor is a claim;
-the audit record keeps beside it the action's origin, the door it came
-through (:mod:`engine.origins`), which each door names: the CLI, the console,
-the sweeper. A caller in-process that names none is recorded as ``engine``. Reads for listing and
+Every action takes an actor and a reason, refuses an id, actor or reason the
+store could not keep (:mod:`engine.inputs`) before anything is read, checks
+the version the caller saw, applies the pure rule from
+:mod:`engine.interventions`, and stores the transition with its audit record
+in one transaction. The actor is a claim; the audit record keeps beside it the
+action's origin, the door it came through (:mod:`engine.origins`), which each
+door names: the CLI, the console, the sweeper. A caller in-process that names
+none is recorded as ``engine``. Reads for listing and
 showing instances live in :mod:`engine.queries`.
 """
 
@@ -17,7 +19,7 @@ from typing import Any
 from engine import interventions
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput
-from engine.inputs import MAX_REASON, check_text
+from engine.inputs import MAX_REASON, check_id, check_text
 from engine.interventions import AUDIT_ACTIONS, Action
 from engine.model import Instance, Transition
 from engine.origins import IN_PROCESS, Origin, OriginKind
@@ -206,6 +208,7 @@ class Operations:
             detail,
             origin=origin,
         )
+        check_id("saga id", saga_id)
         retry_on_disconnect(
             lambda: self.store.append_operator_note(self.store.load(saga_id), record, self.clock())
         )
@@ -217,6 +220,7 @@ class Operations:
         rule: Callable[[Instance, Saga, int], Transition],
         record: Callable[[Instance], OperatorRecord],
     ) -> Instance:
+        check_id("saga id", saga_id)
         saved = retry_on_disconnect(
             lambda: self._change_once(saga_id, expected_version, rule, record)
         )

@@ -1,7 +1,9 @@
 """The read door: what the CLI and the console ask of the store, as records.
 
 Every question's SQL is the store's (:mod:`engine.store.reads`); this module
-checks what callers pass, turns rows into records, and pages with cursors.
+checks what callers pass (with :mod:`engine.inputs`: a filter the store could
+not take, such as one with a NUL, is :class:`~engine.errors.InvalidInput`, never
+a database error), turns rows into records, and pages with cursors.
 Lists use keyset pagination (newest first, by ``(created_at, id)``), never
 OFFSET, so page 1,000 costs what page 1 costs.
 """
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import InvalidInput
+from engine.inputs import MAX_BIGINT, MAX_KEY, MAX_NAME, check_filter, check_id
 from engine.signals import OpenWait
 from engine.states import SagaState
 from engine.store import Store
@@ -42,6 +45,8 @@ _INSTANCE_CURSOR = re.compile(
     r"(?P<at>[0-9]{1,15})_(?P<id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})"
 )
 _DEAD_LETTER_CURSOR = re.compile(r"(?P<at>[0-9]{1,15})_(?P<id>[0-9]{1,18})")
+# The audit log's action names (engine.interventions.AUDIT_ACTIONS) are shorter.
+_MAX_ACTION = 40
 #: The filter that lists every instance.
 EVERY_INSTANCE = InstanceFilter()
 
@@ -203,6 +208,7 @@ class Queries:
     ) -> Page:
         """Newest first; pass ``page.next_cursor`` back as ``cursor`` for the next page."""
         _check_limit(limit)
+        _check_instance_filter(flt)
         after = _decode_cursor(cursor) if cursor else None
         rows, more = self._reads.instances(flt, after, limit)
         items = [_summary(r) for r in rows]
@@ -210,7 +216,7 @@ class Queries:
 
     def counts_by_state(self, saga_name: str | None = None) -> dict[str, int]:
         """How many instances are in each state (every state present, zeros included)."""
-        found = self._reads.counts_by_state(saga_name)
+        found = self._reads.counts_by_state(_saga_name(saga_name))
         return {str(st): int(found.get(str(st), 0)) for st in SagaState}
 
     def counts_by_state_capped(self, cap: int, saga_name: str | None = None) -> dict[str, int]:
@@ -220,16 +226,16 @@ class Queries:
         index, so it costs the same on a store of a million instances as on a
         small one (the console shows "10,000+"); an exact count reads them all.
         """
-        found = self._reads.counts_by_state_capped(cap, saga_name)
+        found = self._reads.counts_by_state_capped(cap, _saga_name(saga_name))
         return {str(st): found.get(str(st), 0) for st in SagaState}
 
     def count_stuck(self, cap: int, saga_name: str | None = None) -> int:
         """Instances the stuck sweep flagged, counting at most ``cap + 1`` (its partial index)."""
-        return self._reads.count_stuck(cap, saga_name)
+        return self._reads.count_stuck(cap, _saga_name(saga_name))
 
     def stuck_since(self, saga_id: str) -> int | None:
         """When the stuck sweep flagged this instance; None when it is not flagged."""
-        return self._reads.stuck_since(saga_id)
+        return self._reads.stuck_since(check_id("saga id", saga_id))
 
     def dead_lettered(
         self,
@@ -246,6 +252,8 @@ class Queries:
         timeline). ``before`` is the ``next_cursor`` of the previous page.
         """
         _check_limit(limit)
+        saga_name = _saga_name(saga_name)
+        step_name = check_filter("step name", step_name, limit=MAX_NAME)
         after = _decode_dead_letter_cursor(before) if before else None
         found = self._reads.dead_lettered(saga_name, step_name, after, limit)
         items = [_dead_letter_item(r, found.spans) for r in found.rows]
@@ -261,6 +269,7 @@ class Queries:
         state, created_at)`` index, so the cost does not grow with the store.
         """
         found: dict[str, list[int]] = {}
+        _saga_name(saga_name)
         for name, took in self._reads.recent_step_durations(saga_name, limit):
             found.setdefault(name, []).append(max(took, 0))
         return found
@@ -270,12 +279,14 @@ class Queries:
 
     def timeline(self, saga_id: str) -> list[EventRecord]:
         """Every event of one instance, oldest first."""
-        return [EventRecord(**r) for r in self._reads.timeline(saga_id)]
+        return [EventRecord(**r) for r in self._reads.timeline(check_id("saga id", saga_id))]
 
     def dead_letters(
         self, *, saga_id: str | None = None, open_only: bool = True, limit: int = 200
     ) -> list[DeadLetterRecord]:
         """Dead-letter records, newest first."""
+        if saga_id is not None:
+            check_id("saga id", saga_id)
         rows = self._reads.dead_letters(saga_id, open_only, limit)
         return [DeadLetterRecord(**r) for r in rows]
 
@@ -289,7 +300,15 @@ class Queries:
         before_id: int | None = None,
         origin: str | None = None,
     ) -> list[OperatorActionRecord]:
-        """The audit log, newest first; ``origin``: only the entries of that kind."""
+        """The audit log, newest first; ``before_id`` is the id of the last entry seen,
+        ``origin``: only the entries of that kind."""
+        if saga_id is not None:
+            check_id("saga id", saga_id)
+        check_filter("actor", actor, limit=MAX_KEY)
+        check_filter("action", action, limit=_MAX_ACTION)
+        check_filter("origin", origin, limit=_MAX_ACTION)
+        if before_id is not None and not 0 <= before_id <= MAX_BIGINT:
+            raise InvalidInput("before", f"must be between 0 and {MAX_BIGINT:,}")
         rows = self._reads.operator_actions(saga_id, actor, action, before_id, limit, origin)
         return [OperatorActionRecord(**r) for r in rows]
 
@@ -300,6 +319,15 @@ class Queries:
     def event_dead_letters(self, limit: int = 200) -> list[dict[str, Any]]:
         """Domain events a choreography's handler gave up on, or could not read; newest first."""
         return self.store.event_dead_letters(limit)
+
+
+def _check_instance_filter(flt: InstanceFilter) -> None:
+    _saga_name(flt.saga_name)
+    check_filter("search", flt.search, limit=MAX_KEY)
+
+
+def _saga_name(name: str | None) -> str | None:
+    return check_filter("saga name", name, limit=MAX_NAME)
 
 
 def _check_limit(limit: int) -> None:

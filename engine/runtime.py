@@ -16,7 +16,7 @@ from engine.bulk.recovery import BulkRecovery
 from engine.collaborators import Clock, Collaborators
 from engine.definition import Saga
 from engine.executor import Executor
-from engine.inputs import check_key
+from engine.inputs import check_id, check_key
 from engine.model import Event, EventKind, Instance, StepState, Transition, new_id, now_ms
 from engine.operations import Operations, check_actor, check_reason
 from engine.origins import IN_PROCESS, Origin
@@ -168,7 +168,8 @@ class SagaEngine:
         return self.executor.start_inline(transition, step)
 
     def get(self, saga_id: str) -> Instance:
-        return self.store.load(saga_id)
+        """The instance ``saga_id``; SagaNotFound, or InvalidInput for an id no store could hold."""
+        return self.store.load(check_id("saga id", saga_id))
 
     def worker(self, concurrency: int | None = None) -> Worker:
         """A worker on this engine (``start()`` it, ``stop()`` to drain)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InvalidInput
+from engine.inputs import MAX_INT32, parse_int
 
 
 def _default_worker_id() -> str:
@@ -137,9 +138,7 @@ def _whole(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if not raw:
         return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise InvalidInput(name, f"expected a whole number of 1 or more, got {raw!r}")
-    return int(raw)
+    return parse_int(name, raw, low=1, high=MAX_INT32)
 
 
 def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...], default: str) -> str:

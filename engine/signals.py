@@ -37,6 +37,7 @@ from engine.collaborators import Collaborators
 from engine.decide import record_success, signal_problem, waiting_now
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, InvalidInput, InvalidTransition
+from engine.inputs import check_id, check_text
 from engine.model import Event, EventKind, Instance, Transition
 from engine.operations import check_version
 from engine.origins import IN_PROCESS, Origin
@@ -118,6 +119,7 @@ def deliver(
     docstring); nothing is written then.
     """
     dumps(data)
+    check_id("saga id", saga_id)
     sent_by = _check_name("sender", sent_by)
     event = _check_name("event", event)
     signal = _Signal(event, data, sent_by, operator, expected_version, origin)
@@ -237,4 +239,4 @@ def _check_name(field: str, value: str) -> str:
     text = (value or "").strip() if isinstance(value, str) else ""
     if not text or len(text) > _MAX_NAME:
         raise InvalidInput(field, f"must be 1 to {_MAX_NAME} characters")
-    return text
+    return check_text(field, text, limit=_MAX_NAME)

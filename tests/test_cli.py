@@ -406,7 +406,7 @@ def test_a_stale_expected_version_is_refused(saga: Any, engine: SagaEngine, stor
         (["skip", "no-such-id", "--reason", "   "], 2, ["invalid reason"]),
         (["retry", "x", "--reason", "r", "--expected-version", "two"], 2, ["'two'"]),
         (["list", "--state", "stuck"], 2, ["invalid --state", "'stuck'", "running"]),
-        (["list", "--limit", "0"], 2, ["invalid limit"]),
+        (["list", "--limit", "0"], 2, ["invalid --limit", "from 1 to 500"]),
         (["list", "--cursor", "garbage"], 2, ["invalid cursor"]),
         (["frobnicate"], 2, ["No such command 'frobnicate'"]),
     ],

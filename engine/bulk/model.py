@@ -14,6 +14,7 @@ from engine.errors import (
     SagaError,
     SagaNotFound,
 )
+from engine.inputs import MAX_KEY, MAX_NAME, check_filter
 from engine.interventions import Action
 from engine.operations import MAX_REASON
 from engine.states import SagaState
@@ -106,6 +107,10 @@ class BulkFilter:
     time_to: int | None = None  # epoch ms, exclusive
 
     def __post_init__(self) -> None:
+        # Matched against the store: text it could not take is bad input, not a database error.
+        check_filter("saga name", self.saga_name, limit=MAX_NAME)
+        check_filter("step name", self.step_name, limit=MAX_NAME)
+        check_filter("error text", self.error_text, limit=MAX_KEY)
         if self.time_field not in ("created", "updated"):
             raise InvalidInput("time field", f"{self.time_field!r} is not created or updated")
         if (

@@ -47,6 +47,7 @@ from engine.choreography.declaration import Choreography, DomainEvent
 from engine.choreography.tracker import Tracker
 from engine.errors import InvalidInput
 from engine.idempotency import IdempotencyGuard
+from engine.inputs import MAX_BIGINT, parse_int, problem_in_text
 from engine.model import now_ms
 from engine.transport.event_log import EventLog
 from engine.transport.streams import Entry
@@ -109,15 +110,21 @@ def parse(entry: Entry) -> DomainEvent:
     missing = [f for f in _FIELDS if not text.get(f)]
     if missing:
         raise BadEvent(f"missing field(s): {', '.join(missing)}")
+    for name in _FIELDS:
+        problem = problem_in_text(text[name])  # the tracker stores them
+        if problem is not None:
+            raise BadEvent(f"{name} {problem}")
     try:
         data = json.loads(text["data"])
     except json.JSONDecodeError as exc:
         raise BadEvent(f"data is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadEvent("data is not a JSON object")
-    if not text["at"].isdigit():
-        raise BadEvent(f"at is not epoch milliseconds: {text['at'][:40]!r}")
-    return DomainEvent(text["id"], text["type"], text["correlation_id"], data, int(text["at"]))
+    try:
+        at = parse_int("at", text["at"], low=0, high=MAX_BIGINT)
+    except InvalidInput as exc:
+        raise BadEvent(f"at is not epoch milliseconds: {exc.problem}") from exc
+    return DomainEvent(text["id"], text["type"], text["correlation_id"], data, at)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,15 @@ import click
 
 from engine.cli.context import Cli, pass_cli
 from engine.cli.documents import instance_json
-from engine.cli.params import actor_option, json_option, page_options, parse_payload, reason_option
+from engine.cli.params import (
+    ID,
+    actor_option,
+    expected_version_option,
+    json_option,
+    page_options,
+    parse_payload,
+    reason_option,
+)
 from engine.cli.render import echo, print_json, render_dead_letters
 from engine.interventions import Action
 from engine.model import Instance
@@ -33,15 +41,10 @@ def operator_command(action: Action) -> click.Command:
     """``saga ACTION SAGA_ID --reason ...``: one command per operator action."""
 
     @click.command(name=str(action), help=_OPERATOR_HELP[action])
-    @click.argument("saga_id")
+    @click.argument("saga_id", type=ID)
     @reason_option
     @actor_option
-    @click.option(
-        "--expected-version",
-        type=int,
-        metavar="N",
-        help="Refuse if the instance's version is no longer N (from `saga show`).",
-    )
+    @expected_version_option
     @json_option
     @pass_cli
     def command(
@@ -69,13 +72,9 @@ def operator_command(action: Action) -> click.Command:
 #: ``saga retry``, ``skip``, ``compensate`` and ``cancel``.
 operator_commands = [operator_command(action) for action in Action]
 
-_expected_version_option = click.option(
-    "--expected-version", type=int, metavar="N", help="Refuse unless at version N."
-)
-
 
 @click.command("edit-retry")
-@click.argument("saga_id")
+@click.argument("saga_id", type=ID)
 @click.option(
     "--payload",
     required=True,
@@ -84,7 +83,7 @@ _expected_version_option = click.option(
 )
 @reason_option
 @actor_option
-@_expected_version_option
+@expected_version_option
 @json_option
 @pass_cli
 def edit_retry(
@@ -110,10 +109,10 @@ def edit_retry(
 
 
 @click.command("resolve")
-@click.argument("saga_id")
+@click.argument("saga_id", type=ID)
 @reason_option
 @actor_option
-@_expected_version_option
+@expected_version_option
 @json_option
 @pass_cli
 def resolve(

@@ -13,10 +13,18 @@ from typing import Any, TypeVar
 
 import click
 
-from engine.bulk.model import MAX_ITEMS, BulkFilter, BulkOperation, ItemOutcome
+from engine.bulk.model import MAX_BATCH, MAX_ITEMS, BulkFilter, BulkOperation, ItemOutcome
 from engine.bulk.recovery import BulkRecovery
 from engine.cli.context import Cli, pass_cli
-from engine.cli.params import actor_option, json_option, parse_state, parse_time, reason_option
+from engine.cli.params import (
+    ID,
+    WholeNumber,
+    actor_option,
+    json_option,
+    parse_state,
+    parse_time,
+    reason_option,
+)
 from engine.cli.processes import stop_on_signals
 from engine.cli.render import (
     echo,
@@ -98,11 +106,11 @@ def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> Non
 @click.option(
     "--expect",
     "expected",
-    type=int,
+    type=WholeNumber(0, MAX_ITEMS),
     metavar="N",
     help="The count the dry run showed; without it, the dry run is shown and nothing runs.",
 )
-@click.option("--batch-size", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--batch-size", type=WholeNumber(1, MAX_BATCH), default=50, show_default=True)
 @click.option(
     "--rate", type=click.FloatRange(0.1, 1000), default=5.0, show_default=True, help="Items/s."
 )
@@ -170,7 +178,7 @@ def _follow(recovery: BulkRecovery, operation_id: str, actor: str, quiet: bool) 
 
 
 @bulk.command("stop")
-@click.argument("operation_id")
+@click.argument("operation_id", type=ID)
 @actor_option
 @pass_cli
 def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
@@ -180,7 +188,7 @@ def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
 
 
 @bulk.command("show")
-@click.argument("operation_id")
+@click.argument("operation_id", type=ID)
 @click.option(
     "--outcome", type=click.Choice(["pending", "applied", "skipped", "error", "failed_again"])
 )

@@ -34,6 +34,12 @@ EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 
 
+class BadInput(click.ClickException):
+    """Bad input, for a command that may run outside the ``saga`` group (exit 2 either way)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class StoreNotReady(click.ClickException):
     """The store does not exist yet, or its schema is behind the code."""
 

@@ -7,6 +7,7 @@ import click
 from engine.cli.context import Cli, pass_cli
 from engine.cli.documents import describe, instance_json
 from engine.cli.params import (
+    ID,
     json_option,
     page_options,
     parse_payload,
@@ -71,7 +72,7 @@ def _say_started(started: Started) -> None:
 
 
 @click.command("signal")
-@click.argument("saga_id")
+@click.argument("saga_id", type=ID)
 @click.argument("event")
 @click.option(
     "--data",
@@ -151,7 +152,7 @@ def list_(
 
 
 @click.command("show")
-@click.argument("saga_id")
+@click.argument("saga_id", type=ID)
 @json_option
 @pass_cli
 def show(cli: Cli, saga_id: str, as_json: bool) -> None:

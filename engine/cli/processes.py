@@ -22,6 +22,7 @@ from engine.choreography.handlers import choreographies_in, handlers_in
 from engine.choreography.runtime import EventRuntime, event_services
 from engine.choreography.runtime import init_hooks as init_event_hooks
 from engine.cli.context import Cli, pass_cli
+from engine.cli.params import WholeNumber
 from engine.errors import InvalidInput
 from engine.loader import import_module, split_names
 from engine.remote.participant import (
@@ -86,7 +87,7 @@ def serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
 @click.command("worker")
 @click.option(
     "--concurrency",
-    type=click.IntRange(1, 1000),
+    type=WholeNumber(1, 1000),
     default=None,
     help="Instances advanced at once (default: $SAGA_CONCURRENCY or 8).",
 )
@@ -96,7 +97,7 @@ def serve_metrics(cli: Cli, port: int | None, *, store_gauges: bool) -> None:
     is_flag=True,
     help="Also run the sweeps in this process (one sweeper acts at a time across hosts).",
 )
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help=_METRICS_HELP)
+@click.option("--metrics-port", type=WholeNumber(0, 65535), default=None, help=_METRICS_HELP)
 @pass_cli
 def worker(cli: Cli, concurrency: int | None, with_sweeper: bool, metrics_port: int | None) -> None:
     """Run a worker in the foreground until SIGTERM or Ctrl-C, then drain and exit 0."""
@@ -133,7 +134,7 @@ def worker(cli: Cli, concurrency: int | None, with_sweeper: bool, metrics_port: 
 
 
 @click.command("sweeper")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help=_METRICS_HELP)
+@click.option("--metrics-port", type=WholeNumber(0, 65535), default=None, help=_METRICS_HELP)
 @click.option("--once", is_flag=True, help="Run every sweep once, print what each did, exit.")
 @pass_cli
 def sweeper(cli: Cli, metrics_port: int | None, once: bool) -> None:
@@ -180,13 +181,13 @@ def _sweep_once(running: Sweeper) -> None:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(1, 1000),
+    type=WholeNumber(1, 1000),
     default=None,
     help="Commands handled at once (default: $SAGA_CONCURRENCY or 8).",
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=WholeNumber(0, 65535),
     default=None,
     help="Answer Prometheus scrapes at http://0.0.0.0:PORT/metrics (the saga_participant_* "
     "series).",

@@ -28,6 +28,7 @@ ALLOWED = frozenset(
         "engine.states",
         "engine.model",
         "engine.settings",
+        "engine.inputs",
     }
 )
 #: The composition places, which build the engine's objects and so import what they build

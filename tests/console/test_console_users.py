@@ -211,6 +211,6 @@ class TestUserCommands:
     def test_errors_are_reported_without_a_traceback(self, runner: CliRunner) -> None:
         runner.invoke(user_group, ["add", "ann", "--password", PASSWORD])
         result = runner.invoke(user_group, ["add", "ann", "--password", PASSWORD])
-        assert result.exit_code == 1
+        assert result.exit_code == 2  # bad input, as for every command
         assert "'ann' is taken" in result.output
         assert "Traceback" not in result.output
