@@ -1,18 +1,26 @@
 """Bulk recovery pages: choose instances by filter, see a dry run, confirm, watch, stop.
 
 The engine does the work (bulk recovery, built once as
-:class:`console.services.Bulk`); these views parse input and render. Running
-happens in a background thread of this console process, with all state in
-the store: the report page shows progress from the store (htmx polls its
-partial while the operation runs), a stop from any console process raises
-the flag the runner checks between items, and an operation whose process
-died shows as interrupted, with a Resume button.
+:class:`console.services.Bulk`); these views parse input and render. The dry
+run keeps what it previewed as a snapshot; the confirmation form carries its
+token, and the operation acts on exactly those instances (the report says how
+many more matched by then, and offers a dry run for them). A confirmation
+that is refused (400, 409) shows the form again with everything typed in it,
+reason included, and a fresh dry run when the filter allows one.
+
+Running happens in a background thread of this console process, with all
+state in the store: the report page follows the applied items and shows
+progress from the store (htmx polls its partial until the operation has
+ended and every item's outcome is final), a stop from any console process
+raises the flag the runner checks between items, and an operation whose
+process died shows as interrupted, with a Resume button.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, flash, redirect, render_template, url_for
@@ -33,10 +41,12 @@ from console.services import (
     MIN_SAMPLE,
     BulkFilter,
     BulkNotFound,
+    BulkOperation,
     DryRun,
     ItemOutcome,
     Role,
     SelectionChanged,
+    SnapshotGone,
 )
 from engine.errors import InvalidInput, InvalidTransition
 from engine.inputs import optional_int
@@ -60,7 +70,10 @@ FIELDS = (
     "batch_size",
     "rate",
     "max_failure",
+    "outside",
 )
+#: The longest snapshot token and operation id a form may carry.
+MAX_TOKEN = 36
 DEFAULTS = {"batch_size": "50", "rate": "5", "max_failure": "20", "time_field": "created"}
 
 
@@ -113,6 +126,7 @@ def operations() -> ResponseReturnValue:
 def new() -> ResponseReturnValue:
     """The filter form; with ``dry_run=1``, the dry run and the confirmation below it."""
     raw = _fields(request.args)
+    reason = request.args.get("reason", "")
     dry: DryRun | None = None
     problem: str | None = None
     if request.args.get("dry_run"):
@@ -123,33 +137,38 @@ def new() -> ResponseReturnValue:
         else:
             dry = services.get().bulk.dry_run(wanted.action, wanted.selection)
     status = 400 if problem else 200
-    return render_template("bulk_new.html", **_form_context(raw, dry, problem)), status
+    return render_template("bulk_new.html", **_form_context(raw, dry, problem, reason)), status
 
 
 @bp.post("/bulk")
 @require_role(Role.OPERATOR)
 def start() -> ResponseReturnValue:
-    """Create the operation (refused unless the count is the one confirmed) and run it."""
-    wanted = parse_request(request.form)
-    reason = request.form.get("reason", "").strip()
-    expected = _int(request.form, "expected_count", 0, MAX_ITEMS)
+    """Make the operation of the instances the dry run previewed, and run it; a refusal
+    shows the form again with everything typed in it."""
+    reason = request.form.get("reason", "")
+    try:
+        wanted = parse_request(request.form)
+    except InvalidInput as exc:
+        return _refused(str(exc), 400, reason, None)
     bulk = services.get().bulk
-    if not reason:
-        raw = _fields(request.form)
-        dry = bulk.dry_run(wanted.action, wanted.selection)
-        context = _form_context(raw, dry, "Say why you are doing this; it goes in the audit log.")
-        return render_template("bulk_new.html", **context), 400
-    op = bulk.create(
-        wanted.action,
-        wanted.selection,
-        actor=current_user.name,
-        reason=reason,
-        expected_count=expected,
-        batch_size=wanted.batch_size,
-        rate_per_second=wanted.rate,
-        max_failure_rate=wanted.max_failure_pct / 100,
-        origin=Origin.console(current_user.name),
-    )
+    try:
+        token = _text(request.form, "snapshot", MAX_TOKEN)
+        if token is None:
+            raise InvalidInput("snapshot", "confirm a dry run: run the dry run first")
+        op = bulk.confirm(
+            wanted.action,
+            token,
+            actor=current_user.name,
+            reason=reason,
+            batch_size=wanted.batch_size,
+            rate_per_second=wanted.rate,
+            max_failure_rate=wanted.max_failure_pct / 100,
+            origin=Origin.console(current_user.name),
+        )
+    except SnapshotGone as exc:
+        return _refused(f"{exc.why}. Here is a new dry run; confirm it.", 409, reason, wanted)
+    except InvalidInput as exc:
+        return _refused(str(exc), 400, reason, wanted)
     bulk.spawn(op.id)
     current_app.logger.info(
         "user %s started bulk %s: %s on %d instances", current_user.name, op.id, op.action, op.total
@@ -158,14 +177,30 @@ def start() -> ResponseReturnValue:
     return redirect(url_for("bulk.report", operation_id=op.id))
 
 
+def _refused(
+    problem: str, status: int, reason: str, wanted: BulkRequest | None
+) -> ResponseReturnValue:
+    """The form again, with what was typed (reason included) and, when the filter is
+    valid, a fresh dry run to confirm instead."""
+    raw = _fields(request.form)
+    dry = None if wanted is None else services.get().bulk.dry_run(wanted.action, wanted.selection)
+    context = _form_context(raw, dry, problem, reason)
+    return render_template("bulk_new.html", **context), status
+
+
 @bp.get("/bulk/<operation_id>")
 def report(operation_id: str) -> ResponseReturnValue:
-    """The report: settings, live progress, and every item's outcome (paged)."""
+    """The report: settings, live progress, and every item's outcome (paged).
+
+    Each look follows the applied items that have not ended yet, so the page and its
+    polled partial say what became of them, until every one has ended."""
     bulk = services.get().bulk
     op = bulk.get(operation_id)
+    if not op.settled:
+        op = bulk.follow(operation_id)
     now = now_ms()
     if request.htmx:
-        return render_template("_bulk_progress.html", op=op, now=now)
+        return render_template("_bulk_progress.html", op=op, now=now, again=_again_args(op))
     outcome = _outcome(request.args.get("outcome", ""))
     after = _int(request.args, "after", 0, 10**9)
     page = bulk.items(operation_id, outcome=outcome, after=after, limit=ITEMS_PAGE)
@@ -178,7 +213,33 @@ def report(operation_id: str) -> ResponseReturnValue:
         after=after,
         outcomes=list(ItemOutcome),
         labels=describe.LABELS,
+        again=_again_args(op),
     )
+
+
+def _again_args(op: BulkOperation) -> dict[str, str]:
+    """The dry-run link's fields for the instances that matched on top of ``op``'s."""
+    flt = op.selection
+    state = "stuck" if flt.stuck else (str(flt.state) if flt.state else "")
+    found = {
+        "dry_run": "1",
+        "action": str(op.action),
+        "saga": flt.saga_name or "",
+        "state": state,
+        "step": flt.step_name or "",
+        "error": flt.error_text or "",
+        "time_field": flt.time_field,
+        "from": _local(flt.time_from),
+        "to": _local(flt.time_to),
+        "outside": op.id,
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def _local(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M")
 
 
 @bp.post("/bulk/<operation_id>/stop")
@@ -230,6 +291,7 @@ def parse_request(form: Mapping[str, str]) -> BulkRequest:
         time_field=raw.get("time_field") or "created",
         time_from=listed.created_from,
         time_to=listed.created_to,
+        outside=_text(raw, "outside", MAX_TOKEN),
     )
     return BulkRequest(
         action=action,
@@ -289,9 +351,12 @@ def _float(form: Mapping[str, str], name: str, low: float, high: float) -> float
     return value
 
 
-def _form_context(raw: dict[str, str], dry: DryRun | None, problem: str | None) -> dict[str, Any]:
+def _form_context(
+    raw: dict[str, str], dry: DryRun | None, problem: str | None, reason: str = ""
+) -> dict[str, Any]:
     return {
         "args": raw,
+        "reason": reason,
         "dry": dry,
         "problem": problem,
         "actions": list(Action),

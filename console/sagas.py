@@ -154,6 +154,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "events": events,
         "dead_letters": queries.dead_letters(saga_id=inst.id, open_only=False),
         "actions": queries.operator_actions(saga_id=inst.id),
+        "action_results": queries.action_results(inst.id),
         "allowed": allowed if current_user.can(Role.OPERATOR) else [],
         "stuck_since": queries.stuck_since(inst.id),
         "charts": step_charts(inst, durations, now_ms()),

@@ -64,6 +64,7 @@ from engine.bulk.model import (
     ItemOutcome,
     ItemPage,
     SelectionChanged,
+    SnapshotGone,
 )
 from engine.bulk.recovery import BulkRecovery
 from engine.choreography.declaration import CHOREOGRAPHED
@@ -114,6 +115,7 @@ __all__ = [
     "SelectionChanged",
     "Services",
     "Signals",
+    "SnapshotGone",
     "User",
     "UserStore",
     "build",

@@ -16,6 +16,8 @@ from typing import Any
 
 from engine.errors import InvalidInput
 from engine.inputs import MAX_BIGINT, MAX_KEY, MAX_NAME, check_filter, check_id
+from engine.model import now_ms
+from engine.outcomes import Followed, Result, follow
 from engine.signals import OpenWait
 from engine.states import SagaState
 from engine.store import Store
@@ -196,6 +198,28 @@ class OperatorActionRecord:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ActionResult:
+    """One operator action that changed an instance, and what became of the instance
+    after it (:mod:`engine.outcomes`), e.g. "retry by alice at 10:02 -> completed at 10:03"."""
+
+    action: OperatorActionRecord
+    followed: Followed
+
+    @property
+    def result(self) -> Result:
+        return self.followed.result
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.action.to_json(),
+            "result": str(self.followed.result),
+            "ended_at": self.followed.ended_at,
+            "final": self.followed.is_final,
+            "superseded_by": self.followed.by,
+        }
+
+
 class Queries:
     """Read-only questions about the store."""
 
@@ -311,6 +335,20 @@ class Queries:
             raise InvalidInput("before", f"must be between 0 and {MAX_BIGINT:,}")
         rows = self._reads.operator_actions(saga_id, actor, action, before_id, limit, origin)
         return [OperatorActionRecord(**r) for r in rows]
+
+    def action_results(self, saga_id: str, limit: int = 50) -> list[ActionResult]:
+        """What became of each operator action that changed the instance, newest first:
+        followed from the store in three queries, whatever the number of actions."""
+        taken = [
+            a
+            for a in self.operator_actions(saga_id=saga_id, limit=limit)
+            if a.version_after > a.version_before  # notes changed nothing: nothing to follow
+        ]
+        if not taken:
+            return []
+        trace = self._reads.traces([saga_id], min(a.at for a in taken))[saga_id]
+        now = now_ms()
+        return [ActionResult(a, follow(a.at, a.version_after, trace, now)) for a in taken]
 
     def duplicates_absorbed(self, keys: list[str]) -> dict[str, int]:
         """Duplicate deliveries the idempotency guard absorbed, per key (guard in this store)."""

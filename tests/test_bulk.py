@@ -100,13 +100,19 @@ def fix_all() -> None:
     BROKEN.clear()
 
 
-def row_counts(url: str) -> dict[str, int]:
+#: What a dry run keeps: the snapshot a confirmation acts on.
+SNAPSHOTS = {"saga_bulk_snapshots", "saga_bulk_snapshot_items"}
+
+
+def row_counts(url: str, *, but: set[str] = SNAPSHOTS) -> dict[str, int]:
+    """Rows per table, leaving out ``but`` (by default the dry runs' snapshots)."""
     db = sa.create_engine(url)
     try:
         with db.connect() as conn:
             return {
                 table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
                 for table in t.metadata.sorted_tables
+                if table.name not in but
             }
     finally:
         db.dispose()
@@ -144,7 +150,7 @@ def failed_parcels() -> BulkFilter:
 # -- dry run ---------------------------------------------------------------------------
 
 
-def test_a_dry_run_counts_and_samples_and_changes_nothing(
+def test_a_dry_run_counts_and_samples_and_changes_no_instance(
     engine: SagaEngine, store_url: str
 ) -> None:
     ids = stranded(engine, 3)
@@ -154,7 +160,9 @@ def test_a_dry_run_counts_and_samples_and_changes_nothing(
 
     dry = bulk.dry_run(Action.RETRY, failed_parcels())
 
-    assert row_counts(store_url) == before
+    assert row_counts(store_url) == before  # only the snapshot of what it showed is kept
+    assert row_counts(store_url, but=set())["saga_bulk_snapshot_items"] == 3
+    assert dry.snapshot and dry.expires_at == pytest.approx(engine.clock() + 3_600_000, abs=60_000)
     assert dry.count == 3 and not dry.too_many
     assert [s.saga_id for s in dry.sample] == ids  # oldest first: the order they run in
     assert all(s.applies and s.step_name == "ship" for s in dry.sample)
@@ -364,7 +372,7 @@ def test_retries_that_fail_again_count_as_failures_and_halt_the_run(
         actor="ann",
         reason="carrier back?",
         expected_count=15,
-        batch_size=2,  # the runner looks for instances dead-lettered again after each batch
+        batch_size=2,  # the runner follows its applied items after each batch
         max_failure_rate=0.3,
     )
 
@@ -378,15 +386,17 @@ def test_retries_that_fail_again_count_as_failures_and_halt_the_run(
     done = bulk.runner(now=clock.now, monotonic=clock.monotonic, sleep=clock.sleep).run(op.id)
 
     assert done.status is BulkStatus.HALTED
-    assert done.processed == MIN_SAMPLE  # judged once the sample was big enough
-    assert done.failed_again >= MIN_SAMPLE - 2  # all but the newest batch were seen
+    # Judged once MIN_SAMPLE items had an outcome: the newest batch was still running then.
+    assert MIN_SAMPLE <= done.processed <= MIN_SAMPLE + 2
+    assert done.ended >= MIN_SAMPLE and done.failed_again == done.ended
     assert "over the 30% threshold" in (done.note or "")
-    assert len(bulk.store.items(op.id, outcome=ItemOutcome.PENDING).items) == 15 - MIN_SAMPLE
-    settled(MIN_SAMPLE)
-    bulk.store.mark_failed_again(op.id)  # what the report shows once the last ones settle
+    assert len(bulk.store.items(op.id, outcome=ItemOutcome.PENDING).items) == 15 - done.processed
+    settled(done.processed)
+    report = bulk.follow(op.id)  # what the report shows once the last ones settle
+    assert report.settled and report.failed_again == report.processed
     again = bulk.store.items(op.id, outcome=ItemOutcome.FAILED_AGAIN).items
-    assert [i.saga_id for i in again] == ids[:MIN_SAMPLE]
-    assert all(i.state_now == "failed" for i in again)
+    assert [i.saga_id for i in again] == ids[: done.processed]
+    assert all(i.state_now == "failed" and i.result == "failed_again" for i in again)
 
 
 def test_an_interrupted_run_can_be_resumed_by_another_process_but_a_live_one_cannot(
@@ -607,11 +617,13 @@ def test_cli_bulk_dry_run_run_and_show(engine: SagaEngine, saga: Callable[..., R
     assert json.loads(dry.stdout)["count"] == 3
     assert mismatch.exit_code == 4 and "not the 2 you confirmed" in mismatch.stderr
     assert run.exit_code == 0, run.output
-    assert "completed" in run.stdout and "3 applied" in run.stdout
+    assert "completed" in run.stdout and "3 applied" in run.stdout and "3 cancelled" in run.stdout
     op_id = run.stdout.split("bulk operation ")[1].split()[0].rstrip(":")
     shown = json.loads(saga("bulk", "show", op_id, "--json").stdout)
     assert shown["operation"]["status"] == "completed"
+    assert shown["operation"]["results"]["cancelled"] == 3 and shown["operation"]["settled"]
     assert [i["saga_id"] for i in shown["items"]] == ids
+    assert {(i["result"], i["final"]) for i in shown["items"]} == {("cancelled", True)}
     assert saga("bulk", "show", "nope").exit_code == 3
     assert saga("bulk", "stop", op_id).exit_code == 4  # it has ended
 
@@ -625,7 +637,7 @@ def test_cli_bulk_run_without_a_count_shows_the_dry_run_and_changes_nothing(
     result = saga("bulk", "run", "retry", "--state", "failed", "--reason", "r")
 
     assert result.exit_code == 2
-    assert "--expect 2" in result.stderr
+    assert "--expect 2" in result.stderr and "--snapshot " in result.stderr
     assert row_counts(store_url) == before
 
 

@@ -422,7 +422,7 @@ def test_retention_is_off_unless_configured(world: World) -> None:
     saga_id = engine.run("trip", {}).id
     world.clock.advance(days=3650)
 
-    assert engine.sweeps().retention() == {"purged": 0}
+    assert engine.sweeps().retention() == {"purged": 0, "snapshots": 0}
     assert engine.get(saga_id).state is SagaState.COMPLETED
 
 

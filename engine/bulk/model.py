@@ -1,4 +1,38 @@
-"""What a bulk operation is made of: its filter, its items and their outcomes, its limits."""
+"""What a bulk operation is made of: its filter, its items and their outcomes, its limits.
+
+An item's outcome, in two parts
+-------------------------------
+``outcome`` says what the action did, when the runner came to the item:
+
+- ``pending``: not processed yet (a stopped or halted operation leaves the rest pending:
+  nothing was done to them, and nothing will be);
+- ``skipped``: not applied: the instance changed since the dry run, its state no longer
+  allows the action, or it is gone. Nothing was done. Final;
+- ``error``: not applied: the action could not be applied (say this process lacks the
+  saga's definition). Nothing was done. Final;
+- ``applied``: the action was *accepted*: its transition committed, with its audit entry.
+  That is all ``applied`` claims; what became of the instance is ``result``;
+- ``failed_again``: applied, and then the instance failed again (its ``result`` below).
+  Kept as an outcome of its own so that ``applied`` counts only the rest.
+
+``result`` (null unless the action was accepted) says what became of the instance after
+it, followed from the store until it ends (:mod:`engine.outcomes` has the rules):
+``running`` (not ended yet), ``completed``, ``compensated``, ``cancelled``,
+``failed_again`` (a dead letter was recorded after the action, or it is failed now),
+``superseded`` (another operator action changed it before it ended) or ``gone`` (purged
+before an end was seen). ``ended_at`` is when it ended.
+
+An item's outcome is *final* when it is ``skipped`` or ``error``, or when it was applied
+and its ``result`` is anything but ``running``; a final outcome never changes. A pending
+item of an operation that ended (stopped, halted) is final too: it was never acted on.
+The operation is *settled* when it has ended and every item's outcome is final; until
+then the report keeps following (the console's report page polls, ``saga bulk show``
+follows on each call).
+
+The failure threshold is judged on final outcomes: once at least :data:`MIN_SAMPLE` items
+have one, the run halts when the share of them that are ``error`` or ``failed_again``
+passes ``max_failure_rate``.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +51,28 @@ from engine.errors import (
 from engine.inputs import MAX_KEY, MAX_NAME, check_filter
 from engine.interventions import Action
 from engine.operations import MAX_REASON
+from engine.outcomes import Result
 from engine.states import SagaState
 
 #: An operation holds at most this many instances; narrow the filter for more.
 MAX_ITEMS = 100_000
 
 
-#: The failure rate is judged once this many items were processed, not on the first one.
+#: The failure rate is judged once this many items have a final outcome, not on the first one.
 MIN_SAMPLE = 10
+
+
+#: A dry run's snapshot can be confirmed for this long; then it is gone (the retention
+#: sweep and every dry run delete expired ones; a confirmation deletes the one it used).
+SNAPSHOT_TTL_MS = 3_600_000
+
+
+#: A runner follows its applied items at least this often (seconds), and after each batch.
+FOLLOW_EVERY = 1.0
+
+
+#: Items whose instances one follow query reads at a time.
+FOLLOW_BATCH = 500
 
 
 #: Instances the dry run shows.
@@ -58,13 +106,26 @@ class BulkStatus(StrEnum):
 
 
 class ItemOutcome(StrEnum):
-    """What happened to one instance of a bulk operation."""
+    """What the action did to one instance of a bulk operation (module docstring)."""
 
     PENDING = "pending"  # not processed yet
-    APPLIED = "applied"  # the action was applied
+    APPLIED = "applied"  # the action was accepted; ``result`` says what became of it
     SKIPPED = "skipped"  # it changed since the snapshot, or no longer allows the action
     ERROR = "error"  # the action could not be applied
-    FAILED_AGAIN = "failed_again"  # applied, then dead-lettered again
+    FAILED_AGAIN = "failed_again"  # accepted, then the instance failed again
+
+
+class SnapshotGone(InvalidTransition):
+    """The dry run a confirmation names expired, or was confirmed already."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.saga_id, self.operation, self.state = "", "bulk", ""
+        self.why = (
+            "the dry run you confirmed is older than an hour or was confirmed already; "
+            "nothing was started"
+        )
+        SagaError.__init__(self, self.why)
 
 
 class SelectionChanged(InvalidTransition):
@@ -105,6 +166,9 @@ class BulkFilter:
     time_field: str = "created"  # "created" or "updated": which time the range applies to
     time_from: int | None = None  # epoch ms, inclusive
     time_to: int | None = None  # epoch ms, exclusive
+    #: Leave out the instances of this bulk operation (a run again for those that matched
+    #: on top of what it previewed); it narrows, so it does not count as a filter alone.
+    outside: str | None = None
 
     def __post_init__(self) -> None:
         # Matched against the store: text it could not take is bad input, not a database error.
@@ -166,6 +230,8 @@ class BulkFilter:
             parts.append(f"error contains “{self.error_text}”")
         if self.time_from is not None or self.time_to is not None:
             parts.append(f"{self.time_field} {_span(self.time_from, self.time_to)}")
+        if self.outside:
+            parts.append(f"not in bulk operation {self.outside}")
         return ", ".join(parts)
 
 
@@ -212,10 +278,33 @@ class BulkOperation:
     #: entries are recorded with it. ``unknown`` for operations before schema 0011.
     origin: str = "unknown"
     origin_detail: str | None = None
+    more_matching: int = 0  # matched at confirmation on top of the dry run's; not acted on
+    #: Accepted items by :class:`Result` (``running`` ... ``gone``), as last followed.
+    results: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_running(self) -> bool:
         return self.status is BulkStatus.RUNNING
+
+    @property
+    def accepted(self) -> int:
+        """Items whose action was accepted (whatever became of them since)."""
+        return self.applied + self.failed_again
+
+    @property
+    def still_running(self) -> int:
+        """Accepted items whose instance has not ended yet."""
+        return self.results.get(str(Result.RUNNING), 0)
+
+    @property
+    def ended(self) -> int:
+        """Processed items whose outcome is final (module docstring)."""
+        return self.processed - self.still_running
+
+    @property
+    def settled(self) -> bool:
+        """It has ended and every item's outcome is final: nothing left to follow."""
+        return not self.is_running and self.still_running == 0
 
     @property
     def failures(self) -> int:
@@ -223,7 +312,8 @@ class BulkOperation:
 
     @property
     def failure_rate(self) -> float:
-        return self.failures / self.processed if self.processed else 0.0
+        """The share of items with a final outcome that failed (error or failed again)."""
+        return self.failures / self.ended if self.ended > 0 else 0.0
 
     @property
     def stale_after_ms(self) -> int:
@@ -238,7 +328,13 @@ class BulkOperation:
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc.update(
-            action=str(self.action), status=str(self.status), selection=self.selection.to_json()
+            action=str(self.action),
+            status=str(self.status),
+            selection=self.selection.to_json(),
+            results={str(r): self.results.get(str(r), 0) for r in Result},
+            accepted=self.accepted,
+            ended=self.ended,
+            settled=self.settled,
         )
         return doc
 
@@ -258,11 +354,25 @@ class BulkItem:
     version_after: int | None
     error: str | None
     processed_at: int | None
+    acted_at: int | None = None  # when the instance took the action (its stored time)
+    result: Result | None = None  # what became of it; None unless the action was accepted
+    ended_at: int | None = None  # when that result became final
     state_now: str | None = None  # the instance's state when read; None once it is purged
+
+    @property
+    def final(self) -> bool:
+        """Whether this item's outcome can still change (module docstring)."""
+        if self.outcome is ItemOutcome.PENDING:
+            return False
+        return self.result is None or self.result.is_final
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["outcome"] = str(self.outcome)
+        doc.update(
+            outcome=str(self.outcome),
+            result=None if self.result is None else str(self.result),
+            final=self.final,
+        )
         return doc
 
 
@@ -295,6 +405,9 @@ class DryRun:
     count: int
     too_many: bool  # more than MAX_ITEMS: refused until the filter is narrower
     sample: list[SampleItem] = field(default_factory=list)
+    #: The token a confirmation passes to act on exactly these instances (None: nothing kept).
+    snapshot: str | None = None
+    expires_at: int | None = None  # when the snapshot can no longer be confirmed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -304,6 +417,8 @@ class DryRun:
             "too_many": self.too_many,
             "max_items": MAX_ITEMS,
             "sample": [s.to_json() for s in self.sample],
+            "snapshot": self.snapshot,
+            "expires_at": self.expires_at,
         }
 
 

@@ -3,32 +3,35 @@
 The flow, for the console and ``saga bulk`` alike:
 
 1. :meth:`BulkRecovery.dry_run` counts the instances a :class:`BulkFilter`
-   matches and shows a sample, with whether the action applies to each. It
-   writes nothing.
-2. :meth:`BulkRecovery.create` snapshots the matching instances as the
-   operation's items, in one transaction, and refuses
-   (:class:`SelectionChanged`) when their number is not the one the operator
-   confirmed.
+   matches, shows a sample, with whether the action applies to each, and keeps
+   what it previewed (ids and versions) as a *snapshot* under a token, for an
+   hour (:data:`SNAPSHOT_TTL_MS`). It changes no instance.
+2. :meth:`BulkRecovery.confirm` makes the operation from that snapshot, in one
+   transaction: its items are exactly the instances the dry run previewed, at
+   the versions it saw; instances that match now on top of them are counted
+   (``more_matching``), left alone, and offered for another run. The snapshot
+   is used up. (:meth:`BulkRecovery.create`, for ``saga bulk run --expect N``,
+   snapshots at confirmation instead, refusing with :class:`SelectionChanged`
+   when the count is not the one the operator confirmed.)
 3. A :class:`BulkRunner` works through the items in batches at a rate
    limit. Each item goes through the operations API, with the operator as
    actor, the bulk reason, and the version the snapshot saw, so an instance
    that moved on since is skipped, never acted on blind. Between items it
-   checks the stop flag in the store, so a stop works from any process;
-   after each item it checks the failure rate and halts itself when it
-   passes the threshold.
+   checks the stop flag in the store, so a stop works from any process.
+4. Each applied item is followed until its instance ends
+   (:mod:`engine.bulk.follow`): by the runner as it goes, at least every
+   second and after each batch, and by every reader of the report
+   (:meth:`BulkRecovery.follow`) afterwards. The runner halts itself when the
+   share of items with a final outcome that failed passes the threshold.
 
 Everything lives in the store (``saga_bulk_operations`` and
 ``saga_bulk_items``): the report survives restarts, and a run whose process
 died shows as interrupted and can be resumed by any process. Each item's
-outcome is also in the audit log: the applied action's own entry, or a
+action is also in the audit log: the applied action's own entry, or a
 ``bulk_not_applied`` note saying why it was not applied.
 
-Outcomes of an item: ``applied``; ``skipped`` (the instance changed since
-the snapshot, its state no longer allows the action, or it is gone:
-nothing was done); ``error`` (the action could not be applied, say its
-saga definition is not loaded); ``failed_again`` (applied, and the
-instance has since been dead-lettered again: a retry whose cause is not
-fixed). Errors and failures again count towards the failure rate.
+What each outcome and result means, and when an item's outcome is final, is
+defined in :mod:`engine.bulk.model`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import uuid
 from typing import Any
 
 from engine import interventions
+from engine.bulk.follow import Follower
 from engine.bulk.model import (
     MAX_BATCH,
     MAX_BULK_REASON,
@@ -46,6 +50,7 @@ from engine.bulk.model import (
     MAX_RATE,
     MIN_RATE,
     SAMPLE_SIZE,
+    SNAPSHOT_TTL_MS,
     BulkFilter,
     BulkOperation,
     BulkStatus,
@@ -85,11 +90,40 @@ class BulkRecovery:
         self.store = BulkStore(c.store.db)
 
     def dry_run(self, action: Action, flt: BulkFilter, sample_size: int = SAMPLE_SIZE) -> DryRun:
-        """How many instances ``flt`` matches, and the first ``sample_size``; writes nothing."""
+        """How many instances ``flt`` matches, and the first ``sample_size``; keeps them as a
+        snapshot that :meth:`confirm` acts on. Changes no instance."""
         count = self.store.count(flt)
-        rows = self.store.sample(flt, sample_size) if count else []
+        if count == 0 or count > MAX_ITEMS:
+            return DryRun(action, flt, min(count, MAX_ITEMS), count > MAX_ITEMS)
+        now = self.clock()
+        token = str(uuid.uuid4())
+        count = self.store.snapshot(token, action, flt, now, SNAPSHOT_TTL_MS)
+        rows = self.store.snapshot_sample(token, sample_size)
         sample = [self._sample_item(action, r) for r in rows]
-        return DryRun(action, flt, min(count, MAX_ITEMS), count > MAX_ITEMS, sample)
+        return DryRun(action, flt, count, False, sample, token, now + SNAPSHOT_TTL_MS)
+
+    def confirm(
+        self,
+        action: Action,
+        snapshot: str,
+        *,
+        actor: str,
+        reason: str,
+        batch_size: int = 50,
+        rate_per_second: float = 5.0,
+        max_failure_rate: float = 0.2,
+        origin: Origin = IN_PROCESS,
+    ) -> BulkOperation:
+        """Make an operation of exactly the instances dry run ``snapshot`` previewed (not
+        started: see :meth:`run`); SnapshotGone when it expired or was confirmed already.
+        ``origin`` is kept as :meth:`create` keeps it."""
+        _check(action, reason, actor, batch_size, rate_per_second, max_failure_rate)
+        limits = (batch_size, rate_per_second, max_failure_rate)
+        op = self._new(action, None, actor, reason, limits, origin)
+        self.store.insert_from_snapshot(op, snapshot, op["created_at"])
+        done = self.store.get(op["id"])
+        log.info("bulk %s: %s on %d instances, by %s", done.id, action, done.total, actor)
+        return done
 
     def create(
         self,
@@ -112,15 +146,32 @@ class BulkRecovery:
         _check(action, reason, actor, batch_size, rate_per_second, max_failure_rate)
         if expected_count < 1:
             raise InvalidInput("expected count", "the dry run matched no instances: nothing to do")
+        limits = (batch_size, rate_per_second, max_failure_rate)
+        op = self._new(action, flt, actor, reason, limits, origin)
+        self.store.insert(op, flt, expected_count)
+        log.info("bulk %s: %s on %d instances, by %s", op["id"], action, expected_count, actor)
+        return self.store.get(op["id"])
+
+    def _new(
+        self,
+        action: Action,
+        flt: BulkFilter | None,
+        actor: str,
+        reason: str,
+        limits: tuple[int, float, float],
+        origin: Origin,
+    ) -> dict[str, Any]:
+        """The row of a new operation (the snapshot's filter goes in when ``flt`` is None);
+        ``limits``: batch size, rate per second, max failure rate."""
+        batch_size, rate_per_second, max_failure_rate = limits
         now = self.clock()
-        operation_id = new_id(now)
-        op = {
-            "id": operation_id,
+        return {
+            "id": new_id(now),
             "action": str(action),
             "reason": reason.strip(),
             "created_by": actor.strip(),
             "created_at": now,
-            "selection": flt.to_json(),
+            "selection": None if flt is None else flt.to_json(),
             "batch_size": batch_size,
             "rate_per_second": float(rate_per_second),
             "max_failure_rate": float(max_failure_rate),
@@ -130,9 +181,6 @@ class BulkRecovery:
             "origin": str(origin.kind),
             "origin_detail": origin.detail,
         }
-        self.store.insert(op, flt, expected_count)
-        log.info("bulk %s: %s on %d instances, by %s", operation_id, action, expected_count, actor)
-        return self.store.get(operation_id)
 
     def runner(self, **clocks: Any) -> BulkRunner:
         """A runner with an id of its own (host, process, and a random part)."""
@@ -168,6 +216,13 @@ class BulkRecovery:
         return self.store.get(operation_id)
 
     def get(self, operation_id: str) -> BulkOperation:
+        """The operation as stored (see :meth:`follow` for up-to-date results)."""
+        return self.store.get(operation_id)
+
+    def follow(self, operation_id: str) -> BulkOperation:
+        """Follow the applied items that have not ended yet, then read the operation."""
+        self.store.get(operation_id)  # BulkNotFound before anything else
+        Follower(self.store, self.instances.reads, self.clock).follow(operation_id)
         return self.store.get(operation_id)
 
     def _run_logged(self, operation_id: str) -> None:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.bulk.follow import Follower, followed_at_once
 from engine.bulk.model import (
+    FOLLOW_EVERY,
     MAX_RATE,
     MIN_RATE,
     MIN_SAMPLE,
@@ -73,8 +75,20 @@ class RateLimiter:
 
 @dataclass
 class _Tally:
-    processed: int
+    """Items with a final outcome, and the failures among them, as this runner knows them:
+    counted as it goes, and read back from the store after each follow pass (readers of
+    the report follow too, so the store knows more than this runner saw)."""
+
+    ended: int
     failures: int
+    followed_at: float
+
+    def count(self, failed: bool) -> None:
+        self.ended += 1
+        self.failures += int(failed)
+
+    def read(self, op: BulkOperation) -> None:
+        self.ended, self.failures = op.ended, op.failures
 
 
 class BulkRunner:
@@ -96,6 +110,7 @@ class BulkRunner:
         self.now = now
         self.monotonic = monotonic
         self.sleep = sleep
+        self.follower = Follower(bulk, operations.store.reads, operations.clock)
 
     def run(self, operation_id: str) -> BulkOperation:
         """Process the pending items until done, stopped, halted or taken over."""
@@ -106,7 +121,7 @@ class BulkRunner:
             "bulk %s: %s on %d instances, run by %s", op.id, op.action, op.total, op.created_by
         )
         limiter = RateLimiter(op.rate_per_second, self.monotonic, self.sleep)
-        tally = _Tally(op.processed, op.failures)
+        tally = _Tally(op.ended, op.failures, self.monotonic())
         while True:
             batch = self.bulk.pending(op.id, op.batch_size)
             if not batch:
@@ -119,16 +134,23 @@ class BulkRunner:
                 if control.stop_by is not None:
                     return self._end(op, BulkStatus.STOPPED, f"stopped by {control.stop_by}")
                 limiter.wait()
-                tally.processed += 1
-                tally.failures += self._process(op, item)
+                self._process(op, item, tally)
+                if self.monotonic() - tally.followed_at >= FOLLOW_EVERY:
+                    self._follow(op, tally)
                 if self._too_many_failures(op, tally):
                     return self._halt(op, tally)
-            tally.failures += self.bulk.mark_failed_again(op.id)
+            self._follow(op, tally)
             if self._too_many_failures(op, tally):
                 return self._halt(op, tally)
 
-    def _process(self, op: BulkOperation, item: BulkItem) -> int:
-        """Apply the action to one item and record its outcome; 1 if it failed, else 0."""
+    def _follow(self, op: BulkOperation, tally: _Tally) -> None:
+        """Bring the applied items' results up to date, and the tally with them."""
+        self.follower.follow(op.id)
+        tally.read(self.bulk.get(op.id))
+        tally.followed_at = self.monotonic()
+
+    def _process(self, op: BulkOperation, item: BulkItem, tally: _Tally) -> None:
+        """Apply the action to one item and record its outcome (and count a final one)."""
         reason = op.reason  # the operator's words; the audit detail names the operation
         try:
             inst = self.operations.act(
@@ -141,26 +163,38 @@ class BulkRunner:
                 origin=_origin(op),
             )
         except ConcurrencyConflict as exc:
-            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason)
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason, tally)
         except SagaNotFound:
-            return self._not_applied(op, item, ItemOutcome.SKIPPED, "it no longer exists", reason)
+            why = "it no longer exists"
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, why, reason, tally)
         except InvalidTransition as exc:
-            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason)
+            return self._not_applied(op, item, ItemOutcome.SKIPPED, str(exc), reason, tally)
         except (UnknownSaga, InvalidInput) as exc:
-            return self._not_applied(op, item, ItemOutcome.ERROR, str(exc), reason)
+            return self._not_applied(op, item, ItemOutcome.ERROR, str(exc), reason, tally)
+        followed = followed_at_once(inst.updated_at, inst.version, str(inst.state))
         self.bulk.record(
             item,
             ItemOutcome.APPLIED,
             self.now(),
             state_after=str(inst.state),
             version_after=inst.version,
+            followed=(inst.updated_at, followed),
         )
-        return 0
+        if followed.is_final:
+            tally.count(failed=followed.result.is_failure)
+        return None
 
     def _not_applied(
-        self, op: BulkOperation, item: BulkItem, outcome: ItemOutcome, why: str, reason: str
-    ) -> int:
+        self,
+        op: BulkOperation,
+        item: BulkItem,
+        outcome: ItemOutcome,
+        why: str,
+        reason: str,
+        tally: _Tally,
+    ) -> None:
         self.bulk.record(item, outcome, self.now(), error=why)
+        tally.count(failed=outcome is ItemOutcome.ERROR)
         detail = {"bulk_operation": op.id, "action": str(op.action), "outcome": str(outcome)}
         # A purged instance has no audit entry to add; the report still has the item.
         with contextlib.suppress(SagaNotFound):
@@ -171,24 +205,23 @@ class BulkRunner:
                 detail={**detail, "why": why},
                 origin=_origin(op),
             )
-        return 1 if outcome is ItemOutcome.ERROR else 0
 
     def _too_many_failures(self, op: BulkOperation, tally: _Tally) -> bool:
-        if tally.processed < MIN_SAMPLE:
+        if tally.ended < MIN_SAMPLE:
             return False
-        return tally.failures / tally.processed > op.max_failure_rate
+        return tally.failures / tally.ended > op.max_failure_rate
 
     def _halt(self, op: BulkOperation, tally: _Tally) -> BulkOperation:
-        rate = tally.failures / tally.processed
+        rate = tally.failures / tally.ended
         note = (
-            f"halted: {tally.failures} of {tally.processed} processed failed ({rate:.0%}), "
-            f"over the {op.max_failure_rate:.0%} threshold"
+            f"halted: {tally.failures} of the {tally.ended} instances with an outcome failed "
+            f"({rate:.0%}), over the {op.max_failure_rate:.0%} threshold"
         )
         log.warning("bulk %s: %s", op.id, note)
         return self._end(op, BulkStatus.HALTED, note)
 
     def _end(self, op: BulkOperation, status: BulkStatus, note: str) -> BulkOperation:
-        self.bulk.mark_failed_again(op.id)
+        self.follower.follow(op.id)
         self.bulk.finish(op.id, self.runner_id, status, note, self.now())
         log.info("bulk %s: %s (%s)", op.id, status, note)
         return self.bulk.get(op.id)

@@ -1,8 +1,11 @@
 """``saga bulk dry-run|run|stop|show|list``: recovering many instances at once.
 
-A run needs the count its dry run showed (``--expect N``), so what runs is
-what the operator looked at; the operation and each item's outcome are kept
-in the store, and any host may stop it.
+A dry run keeps what it previewed under a snapshot token; ``run --snapshot
+TOKEN`` acts on exactly those instances (``run --expect N`` instead takes
+what matches at confirmation, refused unless there are N), so what runs is
+what the operator looked at. The operation and each item's outcome are kept
+in the store, and any host may stop it; ``show`` follows the applied items
+to their end before printing.
 """
 
 from __future__ import annotations
@@ -104,11 +107,16 @@ def bulk_dry_run(cli: Cli, /, action: str, as_json: bool, **options: Any) -> Non
 @_filter_options
 @reason_option
 @click.option(
+    "--snapshot",
+    metavar="TOKEN",
+    help="The token the dry run printed: act on exactly the instances it previewed.",
+)
+@click.option(
     "--expect",
     "expected",
     type=WholeNumber(0, MAX_ITEMS),
     metavar="N",
-    help="The count the dry run showed; without it, the dry run is shown and nothing runs.",
+    help="Or the count the dry run showed; without either, the dry run is shown and nothing runs.",
 )
 @click.option("--batch-size", type=WholeNumber(1, MAX_BATCH), default=50, show_default=True)
 @click.option(
@@ -129,6 +137,7 @@ def bulk_run(
     /,
     action: str,
     reason: str,
+    snapshot: str | None,
     expected: int | None,
     batch_size: int,
     rate: float,
@@ -138,22 +147,39 @@ def bulk_run(
     **options: Any,
 ) -> None:
     """Apply ACTION to every instance the filter matches, in the foreground (Ctrl-C stops)."""
-    recovery, flt = cli.engine().bulk_recovery(), _bulk_filter(options)
-    if expected is None:
-        dry = recovery.dry_run(Action(action), flt)
+    recovery = cli.engine().bulk_recovery()
+    limit = max_failure_rate / 100
+    if snapshot is not None:
+        op = recovery.confirm(
+            Action(action),
+            snapshot,
+            actor=actor,
+            reason=reason,
+            batch_size=batch_size,
+            rate_per_second=rate,
+            max_failure_rate=limit,
+            origin=cli.origin,
+        )
+    elif expected is not None:
+        op = recovery.create(
+            Action(action),
+            _bulk_filter(options),
+            actor=actor,
+            reason=reason,
+            expected_count=expected,
+            batch_size=batch_size,
+            rate_per_second=rate,
+            max_failure_rate=limit,
+            origin=cli.origin,
+        )
+    else:
+        dry = recovery.dry_run(Action(action), _bulk_filter(options))
         render_dry_run(dry)
-        raise InvalidInput("--expect", f"confirm the count: run again with --expect {dry.count}")
-    op = recovery.create(
-        Action(action),
-        flt,
-        actor=actor,
-        reason=reason,
-        expected_count=expected,
-        batch_size=batch_size,
-        rate_per_second=rate,
-        max_failure_rate=max_failure_rate / 100,
-        origin=cli.origin,
-    )
+        raise InvalidInput(
+            "--snapshot",
+            f"confirm what the dry run showed: run again with --snapshot {dry.snapshot} "
+            f"(or --expect {dry.count})",
+        )
     if not as_json:
         echo(f"bulk operation {op.id}: {op.action} on {op.total} instance(s)")
     done = _follow(recovery, op.id, actor, quiet=as_json)
@@ -195,11 +221,12 @@ def bulk_stop(cli: Cli, operation_id: str, actor: str) -> None:
 @json_option
 @pass_cli
 def bulk_show(cli: Cli, operation_id: str, outcome: str | None, as_json: bool) -> None:
-    """Show a bulk operation's report: settings, totals, and every item's outcome."""
-    store = BulkStore(cli.store().db)
-    op = store.get(operation_id)
+    """Show a bulk operation's report: settings, totals, and every item's outcome (the
+    applied ones followed to their end first)."""
+    recovery = cli.engine().bulk_recovery()
+    op = recovery.follow(operation_id)
     wanted = ItemOutcome(outcome) if outcome else None
-    items = store.items(operation_id, outcome=wanted, limit=MAX_ITEMS).items
+    items = recovery.store.items(operation_id, outcome=wanted, limit=MAX_ITEMS).items
     if as_json:
         print_json({"operation": op.to_json(), "items": [i.to_json() for i in items]})
     else:

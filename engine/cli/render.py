@@ -258,11 +258,20 @@ def _step_label(event: dict[str, Any]) -> str:
 
 
 def tally(op: BulkOperation) -> str:
-    """A bulk operation's progress in one line."""
+    """A bulk operation's progress in one line: what the action did, then what became of
+    the instances it was applied to."""
+    results = op.results
     return (
-        f"{op.processed}/{op.total} processed: {op.applied} applied, {op.skipped} skipped, "
-        f"{op.errors} errors, {op.failed_again} failed again"
+        f"{op.processed}/{op.total} processed: {op.accepted} applied, {op.skipped} skipped, "
+        f"{op.errors} errors; of the applied: {results.get('completed', 0)} completed, "
+        f"{results.get('compensated', 0)} compensated, {results.get('cancelled', 0)} cancelled, "
+        f"{op.failed_again} failed again, {op.still_running} still running" + _other_results(op)
     )
+
+
+def _other_results(op: BulkOperation) -> str:
+    other = op.results.get("superseded", 0) + op.results.get("gone", 0)
+    return f", {other} superseded or gone" if other else ""
 
 
 def render_dry_run(dry: DryRun) -> None:
@@ -288,6 +297,12 @@ def render_dry_run(dry: DryRun) -> None:
     )
     if dry.count > len(dry.sample):
         echo(f"  ... and {dry.count - len(dry.sample)} more")
+    if dry.snapshot is not None:
+        echo(
+            f"snapshot {dry.snapshot} (until {when(dry.expires_at or 0)}): "
+            f"saga bulk run {dry.action} --snapshot {dry.snapshot} --reason ... "
+            "acts on exactly these"
+        )
 
 
 def render_bulk_report(op: BulkOperation, items: Sequence[BulkItem]) -> None:
@@ -298,8 +313,14 @@ def render_bulk_report(op: BulkOperation, items: Sequence[BulkItem]) -> None:
     echo(f"  totals:  {tally(op)}")
     if op.note:
         echo(f"  note:    {op.note}")
+    if op.more_matching:
+        echo(
+            f"  more:    {op.more_matching} more matched at confirmation and were left alone; "
+            "dry-run again for them"
+        )
+    echo(f"  settled: {'yes' if op.settled else 'no, still following'}")
     print_table(
-        ("#", "ID", "BEFORE", "OUTCOME", "AFTER", "NOW", "WHY"),
+        ("#", "ID", "BEFORE", "OUTCOME", "AFTER", "THEN", "NOW", "WHY"),
         [
             (
                 str(i.seq),
@@ -307,6 +328,7 @@ def render_bulk_report(op: BulkOperation, items: Sequence[BulkItem]) -> None:
                 i.state_before,
                 str(i.outcome),
                 i.state_after or "",
+                "" if i.result is None else str(i.result),
                 i.state_now or "purged",
                 first_line(i.error, 60),
             )

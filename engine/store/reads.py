@@ -18,6 +18,7 @@ from sqlalchemy import Connection, RowMapping
 from sqlalchemy.engine import Engine
 
 from engine.model import EventKind
+from engine.outcomes import LaterAction, Trace
 from engine.states import SagaState, StepStatus
 from engine.store import schema as t
 
@@ -240,6 +241,43 @@ class Reads:
         if before_id is not None:
             query = query.where(a.id < before_id)
         return self._rows(query)
+
+    def traces(self, saga_ids: Sequence[str], since: int) -> dict[str, Trace]:
+        """What became of each instance since ``since`` (epoch ms), in three queries:
+        its state now, the dead letters recorded and the state-changing operator actions
+        taken since, oldest first; an instance that no longer exists has state None."""
+        i, d, a = t.instances.c, t.dead_letters.c, t.operator_actions.c
+        ids = list(saga_ids)
+        with self.db.connect() as c:
+            now = {
+                r.id: r
+                for r in c.execute(sa.select(i.id, i.state, i.updated_at).where(i.id.in_(ids)))
+            }
+            dead: dict[str, list[int]] = {}
+            for saga_id, at in c.execute(
+                sa.select(d.saga_id, d.created_at)
+                .where(d.saga_id.in_(ids), d.created_at >= since)
+                .order_by(d.created_at, d.id)
+            ):
+                dead.setdefault(saga_id, []).append(int(at))
+            acts: dict[str, list[LaterAction]] = {}
+            for r in c.execute(
+                sa.select(a.saga_id, a.at, a.actor, a.action, a.version_before)
+                .where(a.saga_id.in_(ids), a.at >= since, a.version_after > a.version_before)
+                .order_by(a.id)
+            ):
+                acts.setdefault(r.saga_id, []).append(
+                    LaterAction(int(r.at), r.actor, r.action, int(r.version_before))
+                )
+        return {
+            saga_id: Trace(
+                state=now[saga_id].state if saga_id in now else None,
+                updated_at=int(now[saga_id].updated_at) if saga_id in now else None,
+                dead_letters=tuple(dead.get(saga_id, ())),
+                actions=tuple(acts.get(saga_id, ())),
+            )
+            for saga_id in ids
+        }
 
     def duplicates_absorbed(self, keys: list[str]) -> dict[str, int]:
         """Per idempotency key kept in this database, the duplicates the guard absorbed."""

@@ -317,6 +317,9 @@ bulk_operations = sa.Table(
     # The origin of whoever created it: each item's audit entry is recorded with it.
     sa.Column("origin", sa.String(20), nullable=False, server_default="unknown"),
     sa.Column("origin_detail", sa.String(200), nullable=True),
+    # Instances the filter matched when it was confirmed that the dry run had not shown:
+    # left alone (the operation acts on what was previewed), offered for another run.
+    sa.Column("more_matching", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_saga_bulk_operations_created", "created_at", "id"),
 )
 
@@ -339,7 +342,49 @@ bulk_items = sa.Table(
     sa.Column("version_after", sa.Integer, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("processed_at", Millis, nullable=True),
+    # Followed after the action was accepted (engine/bulk/model.py says what each means):
+    # when the instance took it (its stored time), what became of it, and when that was final.
+    sa.Column("acted_at", Millis, nullable=True),
+    sa.Column("result", sa.String(20), nullable=True),
+    sa.Column("ended_at", Millis, nullable=True),
     sa.Index("ix_saga_bulk_items_outcome", "operation_id", "outcome", "seq"),
+    # The items still followed: applied, and not ended yet; a follow pass reads only these.
+    sa.Index(
+        "ix_saga_bulk_items_open",
+        "operation_id",
+        "seq",
+        postgresql_where=sa.text("outcome = 'applied' AND ended_at IS NULL"),
+        sqlite_where=sa.text("outcome = 'applied' AND ended_at IS NULL"),
+    ),
+)
+
+#: What a dry run previewed: the instances (ids and versions) a confirmation acts on.
+bulk_snapshots = sa.Table(
+    "saga_bulk_snapshots",
+    metadata,
+    sa.Column("token", sa.String(36), primary_key=True),
+    sa.Column("action", sa.String(20), nullable=False),
+    sa.Column("selection", JsonType, nullable=False),
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("created_at", Millis, nullable=False),
+    sa.Column("expires_at", Millis, nullable=False),
+    sa.Index("ix_saga_bulk_snapshots_expires", "expires_at"),
+)
+
+bulk_snapshot_items = sa.Table(
+    "saga_bulk_snapshot_items",
+    metadata,
+    sa.Column(
+        "token",
+        sa.String(36),
+        sa.ForeignKey("saga_bulk_snapshots.token", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("saga_id", sa.String(36), nullable=False),
+    sa.Column("saga_name", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
 )
 
 signals = sa.Table(

@@ -19,7 +19,9 @@
   reason "automatic dead-letter retry n/N", so the audit log shows them.
 - ``retention``: finished instances last changed longer ago than
   ``retention_days`` are deleted with their steps, events and dead letters,
-  batch after batch for a tenth of a second a pass; the audit log is kept.
+  batch after batch for a tenth of a second a pass; the audit log is kept. Bulk
+  dry-run snapshots that expired (an hour old, never confirmed) are deleted too,
+  whether or not ``retention_days`` is set.
 
 Each reads at most ``sweep_batch`` rows along a partial index, and each
 write re-checks its condition (a free lease under a row lock, a version,
@@ -47,6 +49,7 @@ from engine.origins import Origin
 from engine.registry import Registry
 from engine.states import SagaState
 from engine.store import DeadLetterRef, Overdue, StuckCandidate, StuckMark
+from engine.store.bulk import BulkStore
 from engine.transport.doorbells import ring
 
 log = logging.getLogger(__name__)
@@ -265,9 +268,11 @@ class Sweeps:
     # -- retention ------------------------------------------------------------------
 
     def retention(self) -> Counts:
-        """Purge finished instances older than ``retention_days``, for a short while a pass."""
+        """Purge finished instances older than ``retention_days``, for a short while a pass,
+        and the bulk dry-run snapshots that expired."""
+        snapshots = BulkStore(self.store.db).purge_snapshots(self.clock())
         if self.retention_days is None:
-            return {"purged": 0}
+            return {"purged": 0, "snapshots": snapshots}
         before = self.clock() - int(self.retention_days * DAY_MS)
         give_up = time.monotonic() + RETENTION_BUDGET_SECONDS
         purged = 0
@@ -275,7 +280,7 @@ class Sweeps:
             n = self.store.sweeps.purge_finished(before, self.batch)
             purged += n
             if n < self.batch or time.monotonic() >= give_up:
-                return {"purged": purged}
+                return {"purged": purged, "snapshots": snapshots}
 
 
 def stuck_rules(registry: Registry) -> list[tuple[int, list[tuple[str, int, int]]]]:

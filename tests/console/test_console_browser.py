@@ -21,6 +21,8 @@ from playwright.sync_api import expect, sync_playwright
 from console import HTMX
 from console.serve import ConsoleServer
 from engine import SagaEngine, SagaState
+from engine.bulk.model import SNAPSHOT_TTL_MS
+from engine.store.bulk import BulkStore
 from tests.console.console_sagas import FAILING, SAGAS, SCRIPT, SLOW
 from tests.console.support import PASSWORD, make_app, make_engine
 
@@ -143,10 +145,82 @@ def test_find_a_dead_lettered_saga_retry_it_and_watch_it_complete(
         assert page.evaluate("window.__notReloaded") is True  # the poll updated it in place
         assert page.locator("#instance[hx-trigger]").count() == 0  # and polling stopped
         assert "carrier API is back (INC-4821)" in page.locator("#operator-actions").inner_text()
+        expect(page.locator("#action-results")).to_contain_text("retry by operator at")
+        expect(page.locator("#action-results")).to_contain_text("→ completed at")
         _shot(page, "instance-completed.png")
         assert blocked == []
     finally:
         SLOW.pop(KEY, None)
+        context.close()
+
+
+def test_a_bulk_retry_acts_on_its_dry_run_and_its_report_follows_each_instance_live(
+    browser: Any, running: tuple[SagaEngine, str]
+) -> None:
+    eng, url = running
+    keys = ["ORD-BULK-1", "ORD-BULK-2"]
+    FAILING.update(keys)
+    try:
+        for key in keys:
+            eng.run("order", {"amount": 5}, business_key=key)
+    finally:
+        FAILING.difference_update(keys)
+    SLOW[keys[1]] = 3.0  # one retry takes a while: the report shows it running, then done
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    try:
+        _sign_in(page, url, "operator")
+        page.goto(f"{url}/bulk/new?dry_run=1&action=retry&saga=order&state=failed&rate=100")
+        expect(page.locator("#dry-run-count")).to_contain_text("2")
+        FAILING.add("ORD-BULK-LATE")  # a dead letter arrives while the operator reads
+        eng.run("order", {"amount": 5}, business_key="ORD-BULK-LATE")
+        page.fill("#reason", "carrier <back> (INC-77)")
+        page.click("button:has-text('Confirm: Retry now on 2 instances')")
+        page.wait_for_url(f"{url}/bulk/*")
+        expect(page.locator("#bulk-more")).to_contain_text("1 more instance matched")
+
+        page.evaluate("window.__notReloaded = true")
+        expect(page.locator("#bulk-settled")).to_be_visible(timeout=30_000)
+        assert page.evaluate("window.__notReloaded") is True  # the poll updated it in place
+        assert page.locator("#bulk-progress[hx-trigger]").count() == 0  # and polling stopped
+        expect(page.locator("#bulk-results")).to_contain_text("2 completed")
+        _shot(page, "bulk-report-settled.png")
+
+    finally:
+        FAILING.discard("ORD-BULK-LATE")
+        SLOW.pop(keys[1], None)
+        context.close()
+
+
+def test_a_bulk_confirmation_refused_keeps_what_was_typed_and_confirms_again(
+    browser: Any, running: tuple[SagaEngine, str]
+) -> None:
+    eng, url = running
+    FAILING.add("ORD-LUNCH")
+    try:
+        eng.run("order", {"amount": 5}, business_key="ORD-LUNCH")
+    finally:
+        FAILING.discard("ORD-LUNCH")
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        _sign_in(page, url, "operator")
+        page.goto(f"{url}/bulk/new?dry_run=1&action=retry&saga=order&state=failed")
+        page.fill("input[name=rate]", "2.5")
+        page.click("button:has-text('Dry run')")
+        page.fill("#reason", "carrier <back> (INC-78)")
+        # The operator goes to lunch: the dry run's snapshot expires meanwhile.
+        BulkStore(eng.store.db).purge_snapshots(eng.clock() + SNAPSHOT_TTL_MS + 1)
+        page.click("button:has-text('Confirm: Retry now on 1 instance')")
+
+        expect(page.locator("#problem")).to_contain_text("older than an hour")
+        expect(page.locator("#reason")).to_have_value("carrier <back> (INC-78)")
+        expect(page.locator("#bulk-filter input[name=rate]")).to_have_value("2.5")
+        _shot(page, "bulk-refused.png")
+        page.click("button:has-text('Confirm: Retry now on 1 instance')")  # the fresh dry run
+        expect(page.locator("#bulk-results")).to_contain_text("1 applied", timeout=10_000)
+        expect(page.locator(".pagehead")).to_contain_text("on 1 instance")
+    finally:
         context.close()
 
 

@@ -1,11 +1,13 @@
 """Bulk recovery through the console: dry run, confirm, run in the background, watch, stop.
 
-The dry run shows the count and a sample and writes nothing; the
-confirmation states how many instances will change and is refused (409)
-when the filter now matches a different number; the operator role is
-needed for everything that acts; the report shows every item, live while
-it runs (an htmx partial that stops polling once it ends); stop and resume
-work on an operation run by another process.
+The dry run shows the count and a sample, changes no instance, and keeps
+what it previewed as a snapshot; the confirmation acts on exactly that
+snapshot, says how many more matched by then (not acted on) and offers a
+dry run for them; a refused confirmation (400, 409) shows the form again
+with everything typed in it; the operator role is needed for everything
+that acts; the report follows every applied instance to its end, live (an
+htmx partial that stops polling once the run is over and every instance has
+an outcome); stop and resume work on an operation run by another process.
 """
 
 from __future__ import annotations
@@ -24,21 +26,36 @@ from engine.queries import Queries
 from engine.store import schema as t
 from tests.console.console_sagas import SCRIPT
 from tests.console.support import PASSWORD, dead_lettered, make_app, text
+from tests.helpers.engines import wait_state
 
 FAILED_ORDERS = "action=retry&saga=order&state=failed&rate=1000&batch_size=10&max_failure=50"
 
 
-def row_counts(saga_engine: SagaEngine) -> dict[str, int]:
+#: What a dry run keeps: the snapshot the confirmation acts on.
+SNAPSHOTS = {"saga_bulk_snapshots", "saga_bulk_snapshot_items"}
+
+
+def row_counts(saga_engine: SagaEngine, *, but: set[str] = SNAPSHOTS) -> dict[str, int]:
     with saga_engine.store.db.connect() as conn:
         return {
             table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
             for table in t.metadata.sorted_tables
+            if table.name not in but
         }
 
 
-def start_form(count: int, **changes: Any) -> dict[str, Any]:
+def dry_run(client: FlaskClient, query: str = FAILED_ORDERS) -> str:
+    """The snapshot token of a dry run, as its confirmation form carries it."""
+    found = re.search(
+        r'name="snapshot" value="([^"]+)"', text(client.get(f"/bulk/new?dry_run=1&{query}"))
+    )
+    assert found is not None
+    return found.group(1)
+
+
+def start_form(snapshot: str, **changes: Any) -> dict[str, Any]:
     form = dict(re.findall(r"([a-z_]+)=([^&]+)", FAILED_ORDERS))
-    form.update(expected_count=count, reason="carrier is back (INC-9)", time_field="created")
+    form.update(snapshot=snapshot, reason="carrier is back (INC-9)", time_field="created")
     form.update(changes)
     return form
 
@@ -65,11 +82,12 @@ class TestDryRun:
 
         html = text(response)
         assert response.status_code == 200
-        assert row_counts(saga_engine) == before
+        assert row_counts(saga_engine) == before  # no instance, operation or audit entry
         assert re.search(r'id="dry-run-count">3 <span>instances match', html)
         assert all(i in html for i in ids) and "ORD-FINE" not in html
         assert "Confirm: Retry now on 3 instances" in html
-        assert 'name="expected_count" value="3"' in html
+        assert re.search(r'name="snapshot" value="[0-9a-f-]{36}"', html)
+        assert row_counts(saga_engine, but=set())["saga_bulk_snapshot_items"] == 3
         assert "at most 1000 per second, in batches of 10" in html
 
     def test_the_form_alone_runs_nothing(self, operator: FlaskClient) -> None:
@@ -114,7 +132,7 @@ class TestRunning:
     ) -> None:
         ids = [dead_lettered(saga_engine, f"ORD-{n}").id for n in range(3)]
 
-        response = operator.post("/bulk", data=start_form(3))
+        response = operator.post("/bulk", data=start_form(dry_run(operator)))
 
         assert response.status_code == 302
         finish(app)
@@ -132,31 +150,77 @@ class TestRunning:
             assert (entry.origin, entry.origin_detail) == ("console", "operator")
         assert op_id in text(operator.get("/bulk"))
 
-    def test_a_count_that_changed_since_the_dry_run_is_409_and_starts_nothing(
-        self, operator: FlaskClient, saga_engine: SagaEngine
+    def test_a_confirmation_acts_on_the_previewed_ones_while_more_arrive(
+        self, operator: FlaskClient, app: Flask, saga_engine: SagaEngine
+    ) -> None:
+        previewed = [dead_lettered(saga_engine, f"ORD-{n}").id for n in range(2)]
+        token = dry_run(operator)
+        later = dead_lettered(saga_engine, "ORD-LATE").id  # arrives before the click
+
+        response = operator.post("/bulk", data=start_form(token))
+
+        assert response.status_code == 302
+        finish(app)
+        op_id = operation_id(response.location)
+        items = saga_engine.bulk_recovery().store.items(op_id).items
+        assert [i.saga_id for i in items] == previewed
+        assert saga_engine.get(later).state is SagaState.FAILED  # left alone
+        report = text(operator.get(response.location))
+        assert re.search(r'id="bulk-more">1 more instance matched', report)
+        link = re.search(r'href="(/bulk/new\?[^"]+)">Dry run for those', report)
+        assert link is not None
+        again = text(operator.get(link.group(1).replace("&amp;", "&")))
+        assert later in again and not any(i in again for i in previewed)
+        assert re.search(r'id="dry-run-count">1 <span>instance match', again)
+
+    def test_a_used_or_expired_dry_run_is_409_and_keeps_what_was_typed(
+        self, operator: FlaskClient, app: Flask, saga_engine: SagaEngine
     ) -> None:
         dead_lettered(saga_engine, "ORD-1")
+        token = dry_run(operator)
+        typed = {"reason": "carrier <back> (INC-9)", "batch_size": "7", "rate": "2.5"}
+        assert operator.post("/bulk", data=start_form(token, **typed)).status_code == 302
+        finish(app)
         dead_lettered(saga_engine, "ORD-2")
         before = row_counts(saga_engine)
 
-        response = operator.post("/bulk", data=start_form(1))
+        again = operator.post("/bulk", data=start_form(token, max_failure="35", **typed))
 
-        assert response.status_code == 409
-        assert "now matches 2 instances, not the 1 you confirmed" in text(response)
+        html = text(again)
+        assert again.status_code == 409
         assert row_counts(saga_engine) == before
+        assert "older than an hour or was confirmed already" in html
+        assert ">carrier &lt;back&gt; (INC-9)</textarea>" in html
+        for name, value in (("batch_size", "7"), ("rate", "2.5"), ("max_failure", "35")):
+            assert re.search(f'name="{name}"[^>]*value="{value}"', html), name
+        fresh = re.search(r'name="snapshot" value="([^"]+)"', html)
+        assert fresh is not None and fresh.group(1) != token  # a new dry run to confirm
+        assert re.search(r'id="dry-run-count">1 <span>instance match', html)
 
     def test_a_missing_reason_is_400_and_shows_the_dry_run_again(
         self, operator: FlaskClient, saga_engine: SagaEngine
     ) -> None:
         dead_lettered(saga_engine)
-        response = operator.post("/bulk", data=start_form(1, reason=" "))
+        token = dry_run(operator)
+        response = operator.post("/bulk", data=start_form(token, reason=" ", batch_size="3"))
         assert response.status_code == 400
-        assert "Say why you are doing this" in text(response)
+        assert "say why you are doing this" in text(response)
         assert "Confirm: Retry now on 1 instance" in text(response)
+        assert 'name="batch_size" value="3"' in text(response)
 
-    def test_a_tampered_count_is_400(self, operator: FlaskClient) -> None:
-        response = operator.post("/bulk", data=start_form(1, expected_count="lots"))
+    def test_bad_numbers_are_400_and_keep_the_reason(self, operator: FlaskClient) -> None:
+        response = operator.post(
+            "/bulk", data=start_form("x", rate="fast", reason="carrier is back (INC-9)")
+        )
+        html = text(response)
         assert response.status_code == 400
+        assert "not a number" in html.replace("&#39;", "'")
+        assert 'name="reason" value="carrier is back (INC-9)"' in html  # carried by the form
+        assert 'name="rate" min="0.1" max="1000" step="0.1" value="fast"' in html
+
+    def test_a_tampered_snapshot_is_refused(self, operator: FlaskClient) -> None:
+        assert operator.post("/bulk", data=start_form("lots")).status_code == 409
+        assert operator.post("/bulk", data=start_form("x" * 40)).status_code == 400
 
     def test_the_progress_partial_polls_while_running_and_stops_when_done(
         self, operator: FlaskClient, saga_engine: SagaEngine
@@ -175,6 +239,32 @@ class TestRunning:
         assert "<html" not in running
         assert 'hx-trigger="every 2s"' in running and "Stop now" in running
         assert "hx-trigger" not in done and 'id="bulk-status">completed<' in done
+        assert "1 cancelled" in done and 'id="bulk-settled"' in done
+
+    def test_the_partial_polls_after_the_run_until_every_instance_has_ended(
+        self, operator: FlaskClient, saga_engine: SagaEngine
+    ) -> None:
+        ids = [dead_lettered(saga_engine, f"ORD-{n}").id for n in range(2)]
+        bulk = saga_engine.bulk_recovery()
+        flt = BulkFilter(state=SagaState.FAILED)
+        op = bulk.create(Action.RETRY, flt, actor="operator", reason="r", expected_count=2)
+        htmx = {"HX-Request": "true"}
+        bulk.runner(sleep=lambda s: None).run(op.id)  # no worker yet: both still running
+
+        following = text(operator.get(f"/bulk/{op.id}", headers=htmx))
+        worker = saga_engine.worker(1).start()
+        try:
+            for saga_id in ids:
+                wait_state(saga_engine, saga_id, SagaState.COMPLETED)
+        finally:
+            worker.stop(timeout=30)
+        ended = text(operator.get(f"/bulk/{op.id}", headers=htmx))
+
+        assert 'id="bulk-status">completed<' in following  # the run is over ...
+        assert 'id="bulk-still-running">2 still running' in following
+        assert 'hx-trigger="every 2s"' in following  # ... but its instances are not
+        assert "2 completed" in ended and 'id="bulk-still-running">0 still running' in ended
+        assert "hx-trigger" not in ended
 
     def test_the_report_filters_by_outcome_and_pages(
         self, viewer: FlaskClient, saga_engine: SagaEngine
@@ -270,7 +360,7 @@ class TestRoles:
         assert "New bulk recovery" not in text(viewer.get("/bulk"))
         assert "Stop now" not in text(viewer.get(f"/bulk/{op.id}"))
         assert viewer.get(f"/bulk/new?dry_run=1&{FAILED_ORDERS}").status_code == 403
-        assert viewer.post("/bulk", data=start_form(1)).status_code == 403
+        assert viewer.post("/bulk", data=start_form("t")).status_code == 403
         assert viewer.post(f"/bulk/{op.id}/stop").status_code == 403
         assert viewer.post(f"/bulk/{op.id}/resume").status_code == 403
         assert row_counts(saga_engine) == before
@@ -304,13 +394,15 @@ class TestCsrf:
         dead_lettered(saga_engine)
         before = row_counts(saga_engine)
 
-        assert client.post("/bulk", data=start_form(1)).status_code == 400
-        assert row_counts(saga_engine) == before
-
         page = text(client.get(f"/bulk/new?dry_run=1&{FAILED_ORDERS}"))
         token = re.search(r'name="csrf_token" value="([^"]+)"', page)
-        assert token is not None
-        started = client.post("/bulk", data=start_form(1, csrf_token=token.group(1)))
+        snapshot = re.search(r'name="snapshot" value="([^"]+)"', page)
+        assert token is not None and snapshot is not None
+        assert client.post("/bulk", data=start_form(snapshot.group(1))).status_code == 400
+        assert row_counts(saga_engine) == before
+
+        form = start_form(snapshot.group(1), csrf_token=token.group(1))
+        started = client.post("/bulk", data=form)
         assert started.status_code == 302
         op_id = operation_id(started.location)
         assert client.post(f"/bulk/{op_id}/stop").status_code == 400

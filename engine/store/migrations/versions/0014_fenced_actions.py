@@ -5,7 +5,7 @@ action's key row with ``fenced_at``; an action arriving later under that key is
 refused instead of leaving an effect nothing undoes.
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0013
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0011"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
