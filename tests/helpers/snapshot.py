@@ -8,6 +8,11 @@ import sqlalchemy as sa
 
 from engine.store.schema import metadata
 
+#: A bulk dry run keeps what it previewed (for the confirmation to act on), even when the
+#: command that asked for it then stops for want of a confirmation: those previews are not
+#: changes to anything an operator acts on, so they are left out of the comparison.
+PREVIEWS = frozenset({"saga_bulk_snapshots", "saga_bulk_snapshot_items"})
+
 
 class StoreSnapshot:
     """Reads every row of every store table, in a stable order, over one connection pool."""
@@ -21,6 +26,7 @@ class StoreSnapshot:
             return {
                 table.name: sorted((tuple(row) for row in conn.execute(sa.select(table))), key=repr)
                 for table in metadata.sorted_tables
+                if table.name not in PREVIEWS
             }
 
     def close(self) -> None:
