@@ -19,7 +19,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from console import describe, services
-from console.auth import require_role
+from console.auth import bring_back, require_role
 from console.forms import ActionForm, parse_json
 from console.params import check_seen_version
 from console.services import Role
@@ -94,7 +94,8 @@ def act(saga_id: str, choice: str) -> ResponseReturnValue:
         check_seen_version(inst, request.args.get("version"))
         _check_dead_lettered(inst, picked)
         form.expected_version.data = inst.version
-        return _confirm(inst, picked, form, payload_text=_pretty(inst.payload))
+        carried = bring_back(form)
+        return _confirm(inst, picked, form, payload_text=_pretty(inst.payload), carried=carried)
     payload_text = request.form.get("payload", "")
     if not form.validate_on_submit():
         return _confirm(inst, picked, form, payload_text=payload_text), 400
@@ -149,6 +150,7 @@ def _confirm(
     *,
     payload_text: str,
     problem: str | None = None,
+    carried: bool = False,
 ) -> str:
     letter = services.get().queries.dead_letters(saga_id=inst.id, limit=1)
     return render_template(
@@ -161,6 +163,7 @@ def _confirm(
         payload_text=payload_text,
         problem=problem,
         back=request.args.get("back", ""),
+        carried=carried,
     )
 
 
