@@ -51,7 +51,10 @@ CHOICES = {
     ),
     "skip": Choice("skip", "Skip step", "secondary", "Mark the step done by hand and go on"),
     "resolve": Choice(
-        "resolve", "Resolve by hand", "danger-outline", "Close it: the saga ends cancelled"
+        "resolve",
+        describe.RESOLVE,
+        "resolve",
+        "You dealt with it yourself: close it (the saga ends cancelled, recorded as resolved)",
     ),
 }
 
@@ -171,19 +174,9 @@ def consequence(picked: Choice, inst: Instance) -> str:
     """What confirming ``picked`` does to ``inst``, in one paragraph."""
     if picked.slug in ("retry", "skip"):
         return describe.consequence(Action(picked.slug), inst)
-    step = inst.current.name
     if picked.slug == "edit-retry":
-        return (
-            "Replaces the saga's payload (the input every step reads) with the JSON below, "
-            f"then runs step “{step}” again now with a fresh retry budget. Steps that "
-            "already ran keep the outputs they produced from the old payload. The audit "
-            "log records the payload before and after."
-        )
-    return (
-        "Marks this dead letter resolved by hand and ends the saga as cancelled: nothing "
-        "more runs and nothing is undone. Do this only once you have finished or undone "
-        "its work yourself; it leaves the dead-letter queue and cannot be reversed."
-    )
+        return describe.edit_retry_consequence(inst)
+    return describe.resolve_consequence(inst)
 
 
 def _choice(slug: str) -> Choice:

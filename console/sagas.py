@@ -160,6 +160,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "stuck_since": queries.stuck_since(inst.id),
         "charts": step_charts(inst, durations, now_ms()),
         "labels": describe.LABELS,
+        "side": describe.side(inst),
         "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
         "choreo_actions": _choreo_actions(inst),
         "open_waits": _open_waits(inst, defn),

@@ -63,6 +63,7 @@ from engine.errors import (
 from engine.interventions import Action
 from engine.model import new_id
 from engine.operations import Operations
+from engine.states import side_in_play
 from engine.store.bulk import BulkStore
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class BulkRecovery:
             updated_at=row["updated_at"],
             applies=applies,
             why_not=why,
+            phase=str(side_in_play(row["state"], row["comp_status"])),
         )
 
     def _applies(self, action: Action, saga_id: str) -> tuple[bool | None, str | None]:
