@@ -62,10 +62,10 @@ NOT_RETURNED_TO = frozenset({"auth.login", "auth.logout", "auth.favicon", "stati
 CARRIED_FIELDS = ("reason",)
 #: What the log says, and the sign-in page shows, when secure cookies meet plain HTTP.
 INSECURE_TRANSPORT_LOG = (
-    "a sign-in arrived over plain HTTP, but SAGA_CONSOLE_SECURE_COOKIES is on: browsers "
-    "do not keep the session cookie over HTTP, so every sign-in fails. Serve the console "
-    "over HTTPS (behind a TLS proxy, set SAGA_CONSOLE_TRUSTED_PROXIES so it sees "
-    "X-Forwarded-Proto), or turn SAGA_CONSOLE_SECURE_COOKIES off"
+    "a sign-in request arrived over plain HTTP, but SAGA_CONSOLE_SECURE_COOKIES is on: "
+    "browsers that reach the console over HTTP do not keep its session cookie, so their "
+    "sign-ins fail. Serve the console over HTTPS; behind a proxy that ends TLS, set "
+    "SAGA_CONSOLE_TRUSTED_PROXIES so the console sees its X-Forwarded-Proto"
 )
 INSECURE_TRANSPORT_MESSAGE = (
     "This console only keeps its sign-in cookie over HTTPS, and this page came over plain "
@@ -170,12 +170,12 @@ def require_role(needed: Role) -> Callable[[F], F]:
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     form = LoginForm()
-    insecure = _cookie_cannot_be_kept()
+    _warn_if_plain_http()
     if request.method == "GET":
         form.next.data = _safe_next(request.args.get("next")) or ""
-        return render_template("login.html", form=form, error=insecure)
+        return render_template("login.html", form=form)
     if not form.validate_on_submit():
-        return render_template("login.html", form=form, error=insecure), 400
+        return render_template("login.html", form=form), 400
     throttle, key = login_throttle(form.name.data)
     wait = throttle.retry_after(key)
     if wait > 0:
@@ -226,19 +226,33 @@ def login_form_refused(exc: CSRFError) -> ResponseReturnValue:
     """The sign-in page, when the CSRF check refused its form (the error handler calls it)."""
     form = LoginForm()
     form.next.data = _safe_next(request.form.get("next")) or ""
-    message = _cookie_cannot_be_kept() or (
-        "The sign-in form could not be trusted: it had expired, or your browser did not "
-        "send this site's cookie back. Sign in again."
+    # No session cookie came back, over plain HTTP, with Secure cookies: the browser
+    # dropped the cookie the sign-in page set, and will drop every other one.
+    dropped = _warn_if_plain_http() and not request.cookies.get(session_cookie_name())
+    message = (
+        INSECURE_TRANSPORT_MESSAGE
+        if dropped
+        else (
+            "The sign-in form could not be trusted: it had expired, or your browser did not "
+            "send this site's cookie back. Sign in again."
+        )
     )
     return render_template("login.html", form=form, error=message), 400
 
 
-def _cookie_cannot_be_kept() -> str | None:
-    """A message when secure cookies are on and this request came over plain HTTP."""
+def session_cookie_name() -> str:
+    return str(current_app.config["SESSION_COOKIE_NAME"])
+
+
+def _warn_if_plain_http() -> bool:
+    """Log a warning, and say True, when Secure cookies are on and this request is plain HTTP.
+
+    Behind a proxy that ends TLS the request is HTTP here although the browser's is not
+    (the cookie is kept then): the warning says to trust the proxy's X-Forwarded-Proto."""
     if not current_app.config.get("SESSION_COOKIE_SECURE") or request.is_secure:
-        return None
+        return False
     current_app.logger.warning(INSECURE_TRANSPORT_LOG)
-    return INSECURE_TRANSPORT_MESSAGE
+    return True
 
 
 @bp.post("/logout")
