@@ -28,6 +28,7 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import console.account
 import console.audit
 import console.auth
 import console.bulk
@@ -83,8 +84,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     console.params.init_app(app)  # after the sign-in check: anonymous requests go to sign in
     console.errors.init_app(app)
     console.formatting.init_app(app)
-    for blueprint in (console.auth.bp, console.sagas.bp, console.audit.bp, console.health.bp):
+    for blueprint in (console.auth.bp, console.account.bp, console.sagas.bp, console.audit.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(console.health.bp)
     console.bulk.init_app(app)
     for area in (console.deadletters.bp, console.poison.bp, console.bulk.bp, console.charts.bp):
         app.register_blueprint(area)

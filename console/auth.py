@@ -2,6 +2,15 @@
 
 Every endpoint needs a signed-in user except those in :data:`PUBLIC_ENDPOINTS`;
 the check runs before every request, so a new view is protected by default.
+
+A session names the user and the user's session epoch (:mod:`engine.users`);
+the user loader refuses a session whose epoch is not the stored one, so
+signing out, a password change, a forced reset or disabling the user ends
+every session of theirs at once, in every console process.
+
+When a session ended while a form was being filled in, the sign-in page
+brings the operator back to the form's page with the reason typed into it
+(:func:`return_target`); only a page that answers GET is ever a target.
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -24,7 +33,8 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 from flask_login import LoginManager, current_user, login_user, logout_user
-from flask_wtf.csrf import CSRFProtect
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
 
 from console import services
 from console.forms import AddUserForm, LoginForm, PostForm, RoleForm
@@ -32,6 +42,7 @@ from console.htmx import make_response, request
 from console.ratelimit import LoginThrottle
 from console.services import Role, User
 from engine.errors import InvalidInput
+from engine.operations import MAX_REASON, check_reason
 
 bp = Blueprint("auth", __name__)
 login_manager = LoginManager()
@@ -39,7 +50,28 @@ csrf = CSRFProtect()
 
 #: Endpoints anyone may reach: the sign-in page, the health check, static files, and the
 #: Prometheus scrape (which asks for its own bearer token when SAGA_METRICS_TOKEN is set).
-PUBLIC_ENDPOINTS = frozenset({"auth.login", "health.healthz", "static", "metrics.scrape"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"auth.login", "auth.favicon", "health.healthz", "static", "metrics.scrape"}
+)
+#: What a user who must choose a new password (an admin forced a reset) may still reach.
+RESET_ENDPOINTS = frozenset({"account.change_password", "auth.logout"})
+#: Never where a sign-in sends the browser back to, though they answer GET.
+NOT_RETURNED_TO = frozenset({"auth.login", "auth.logout", "auth.favicon", "static"})
+#: What an operator typed that a sign-in brings back to the form, when the session ended
+#: while they typed it: free text they wrote, never a version, a token or a choice.
+CARRIED_FIELDS = ("reason",)
+#: What the log says, and the sign-in page shows, when secure cookies meet plain HTTP.
+INSECURE_TRANSPORT_LOG = (
+    "a sign-in request arrived over plain HTTP, but SAGA_CONSOLE_SECURE_COOKIES is on: "
+    "browsers that reach the console over HTTP do not keep its session cookie, so their "
+    "sign-ins fail. Serve the console over HTTPS; behind a proxy that ends TLS, set "
+    "SAGA_CONSOLE_TRUSTED_PROXIES so the console sees its X-Forwarded-Proto"
+)
+INSECURE_TRANSPORT_MESSAGE = (
+    "This console only keeps its sign-in cookie over HTTPS, and this page came over plain "
+    "HTTP, so your browser cannot keep it and signing in cannot work. Open the console with "
+    "an https:// address, or ask whoever runs it to check SAGA_CONSOLE_SECURE_COOKIES."
+)
 
 F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 
@@ -68,36 +100,55 @@ class ConsoleUser:
     def role(self) -> Role:
         return self.user.role
 
+    @property
+    def must_change_password(self) -> bool:
+        return self.user.must_change_password
+
     def can(self, needed: Role) -> bool:
         return self.user.role.allows(needed)
 
     def get_id(self) -> str:
-        return str(self.user.id)
+        # The epoch rides in the session: raising the stored one ends this session.
+        return f"{self.user.id}:{self.user.session_epoch}"
 
 
 def init_app(app: Flask) -> None:
     login_manager.init_app(app)
-    csrf.init_app(app)
     login_manager.user_loader(_load_user)
+    # Before the CSRF check: a form posted after its session ended goes to sign-in
+    # (nothing is applied), not to "form expired"; sign-in brings back what was typed.
     app.before_request(_require_login)
+    csrf.init_app(app)
 
 
-def _load_user(user_id: str) -> ConsoleUser | None:
-    if not user_id.isdigit():
+def _load_user(session_id: str) -> ConsoleUser | None:
+    user_id, _, epoch = session_id.partition(":")
+    if not (user_id.isascii() and user_id.isdigit() and epoch.isascii() and epoch.isdigit()):
+        return None  # a session from before epochs, or forged: sign in again
+    if len(user_id) > 18 or len(epoch) > 9:
         return None
     user = services.get().users.get(int(user_id))
-    # A disabled user's session ends at their next request.
-    return ConsoleUser(user) if user is not None and user.active else None
+    # A disabled user, or a session the user ended (or had ended) elsewhere, is over.
+    if user is None or not user.active or user.session_epoch != int(epoch):
+        return None
+    return ConsoleUser(user)
 
 
 def _require_login() -> ResponseReturnValue | None:
-    if request.endpoint in PUBLIC_ENDPOINTS or current_user.is_authenticated:
+    if request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    login = url_for("auth.login", next=_safe_next(request.full_path))
+    if current_user.is_authenticated:
+        if current_user.must_change_password and request.endpoint not in RESET_ENDPOINTS:
+            return _send_to(url_for("account.change_password"))
+        return None
+    return _send_to(url_for("auth.login", next=return_target()))
+
+
+def _send_to(target: str) -> ResponseReturnValue:
     if request.htmx:
-        # An htmx poll after the session ended: send the whole page to sign-in.
-        return make_response("", 401, redirect=login)
-    return redirect(login)
+        # An htmx poll or form: send the whole page, not a fragment of it.
+        return make_response("", 401, redirect=target)
+    return redirect(target)
 
 
 def require_role(needed: Role) -> Callable[[F], F]:
@@ -122,24 +173,16 @@ def require_role(needed: Role) -> Callable[[F], F]:
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     form = LoginForm()
+    _warn_if_plain_http()
     if request.method == "GET":
-        form.next.data = request.args.get("next", "")
+        form.next.data = _safe_next(request.args.get("next")) or ""
         return render_template("login.html", form=form)
     if not form.validate_on_submit():
         return render_template("login.html", form=form), 400
-    throttle = LoginThrottle(
-        services.get().users,
-        int(current_app.config["SAGA_LOGIN_MAX_FAILURES"]),
-        float(current_app.config["SAGA_LOGIN_WINDOW_SECONDS"]),
-    )
-    key = f"{form.name.data.strip().lower()}|{request.remote_addr}"
+    throttle, key = login_throttle(form.name.data)
     wait = throttle.retry_after(key)
     if wait > 0:
-        message = (
-            f"Too many failed sign-ins for this name from your address; "
-            f"try again in {int(wait // 60) + 1} minute(s)."
-        )
-        return render_template("login.html", form=form, error=message), 429
+        return render_template("login.html", form=form, error=too_many(wait)), 429
     user = services.get().users.authenticate(form.name.data, form.password.data)
     if user is None:
         throttle.failed(key)
@@ -147,20 +190,91 @@ def login() -> ResponseReturnValue:
             "login.html", form=form, error="Wrong user name or password, or the user is disabled."
         ), 401
     throttle.succeeded(key)
-    session.clear()  # a fresh session on sign-in: no fixation of an earlier one
-    login_user(ConsoleUser(user))
+    sign_in_again(user)
     current_app.logger.info("user %s signed in from %s", user.name, request.remote_addr)
+    if user.must_change_password:
+        flash("An admin asked you to choose a new password before you go on.")
+        return redirect(url_for("account.change_password"))
     return redirect(_safe_next(form.next.data) or url_for("sagas.list_instances"))
+
+
+def login_throttle(name: str) -> tuple[LoginThrottle, str]:
+    """The sign-in throttle and the key it counts ``name``'s failures from this address by.
+
+    Checking a password anywhere (sign-in, changing one's password) counts under the
+    same key, so a guesser gets one budget however many doors they try."""
+    throttle = LoginThrottle(
+        services.get().users,
+        int(current_app.config["SAGA_LOGIN_MAX_FAILURES"]),
+        float(current_app.config["SAGA_LOGIN_WINDOW_SECONDS"]),
+    )
+    return throttle, f"{name.strip().lower()}|{request.remote_addr}"
+
+
+def too_many(wait: float) -> str:
+    """What the throttle says to someone it stops, for ``wait`` more seconds."""
+    return (
+        "Too many failed sign-ins (or password checks) for this name from your address; "
+        f"try again in {int(wait // 60) + 1} minute(s)."
+    )
+
+
+def sign_in_again(user: User) -> None:
+    """A fresh session for ``user``: nothing of an earlier one carries over (no fixation)."""
+    session.clear()
+    login_user(ConsoleUser(user))
+
+
+def login_form_refused(exc: CSRFError) -> ResponseReturnValue:
+    """The sign-in page, when the CSRF check refused its form (the error handler calls it)."""
+    form = LoginForm()
+    form.next.data = _safe_next(request.form.get("next")) or ""
+    # No session cookie came back, over plain HTTP, with Secure cookies: the browser
+    # dropped the cookie the sign-in page set, and will drop every other one.
+    dropped = _warn_if_plain_http() and not request.cookies.get(session_cookie_name())
+    message = (
+        INSECURE_TRANSPORT_MESSAGE
+        if dropped
+        else (
+            "The sign-in form could not be trusted: it had expired, or your browser did not "
+            "send this site's cookie back. Sign in again."
+        )
+    )
+    return render_template("login.html", form=form, error=message), 400
+
+
+def session_cookie_name() -> str:
+    return str(current_app.config["SESSION_COOKIE_NAME"])
+
+
+def _warn_if_plain_http() -> bool:
+    """Log a warning, and say True, when Secure cookies are on and this request is plain HTTP.
+
+    Behind a proxy that ends TLS the request is HTTP here although the browser's is not
+    (the cookie is kept then): the warning says to trust the proxy's X-Forwarded-Proto."""
+    if not current_app.config.get("SESSION_COOKIE_SECURE") or request.is_secure:
+        return False
+    current_app.logger.warning(INSECURE_TRANSPORT_LOG)
+    return True
 
 
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
     if not PostForm().validate_on_submit():
         abort(400, "The sign-out form was incomplete; use the Sign out button.")
+    # Every session of this user ends, not only this browser's: a copied cookie too.
+    services.get().users.end_sessions(current_user.user.id)
+    current_app.logger.info("user %s signed out; their sessions ended", current_user.name)
     logout_user()
     session.clear()
-    flash("Signed out.")
+    flash("Signed out. Every session of yours has ended.")
     return redirect(url_for("auth.login"))
+
+
+@bp.get("/favicon.ico")
+def favicon() -> ResponseReturnValue:
+    """Browsers that ask for /favicon.ico get the SVG icon the pages link to."""
+    return redirect(url_for("static", filename="favicon.svg"), 301)
 
 
 @bp.get("/users")
@@ -206,6 +320,20 @@ def set_disabled(name: str, change: str) -> ResponseReturnValue:
     return redirect(url_for("auth.users"))
 
 
+@bp.post("/users/<name>/reset")
+@require_role(Role.ADMIN)
+def force_reset(name: str) -> ResponseReturnValue:
+    if not PostForm().validate_on_submit():
+        abort(400, "The form was incomplete; use the buttons on the users page.")
+    user = services.get().users.force_reset(name, actor=current_user.name)
+    current_app.logger.info("admin %s forced a password reset of %s", current_user.name, user.name)
+    flash(
+        f"{user.name} must choose a new password at their next sign-in; "
+        "every session of theirs has ended."
+    )
+    return redirect(url_for("auth.users"))
+
+
 def _users_page(form: AddUserForm) -> str:
     return render_template(
         "users.html",
@@ -218,8 +346,58 @@ def _users_page(form: AddUserForm) -> str:
     )
 
 
+def return_target() -> str | None:
+    """Where a sign-in should send the browser back to, from this request.
+
+    A GET returns to itself. A form posted after the session ended returns to the
+    same address as a GET (the confirmation page the form was on), with the
+    :data:`CARRIED_FIELDS` the operator typed, so that signing in again brings
+    the reason back; nothing is applied until they confirm once more. A POST to
+    an address without a page returns to the page it came from, if on this site.
+    """
+    if request.method == "GET":
+        return _safe_next(request.full_path)
+    if _answers_get(request.path):
+        kept = [(k, v) for k, v in request.args.items(multi=True) if k != "version"]
+        kept += [(f, request.form[f]) for f in CARRIED_FIELDS if _carriable(request.form.get(f))]
+        return _safe_next(f"{request.path}?{urlencode(kept)}" if kept else request.path)
+    referrer = urlsplit(request.referrer or "")
+    if referrer.netloc != request.host:
+        return None
+    return _safe_next(f"{referrer.path}?{referrer.query}" if referrer.query else referrer.path)
+
+
+def carried(field: str) -> str | None:
+    """Text a sign-in brought back for ``field`` (see :func:`return_target`), or None.
+
+    Refused like the field itself when it would be (400, the field named); shown
+    escaped, in the form, for the operator to check and confirm again."""
+    value = request.args.get(field)
+    if field not in CARRIED_FIELDS or value is None or not value.strip():
+        return None
+    return check_reason(value)
+
+
+def bring_back(form: Any) -> bool:
+    """Fill ``form``'s carried fields from what a sign-in brought back; True when any was."""
+    found = False
+    for field in CARRIED_FIELDS:
+        value = carried(field)
+        if value is not None:
+            getattr(form, field).data = value
+            found = True
+    return found
+
+
+def _carriable(value: str | None) -> bool:
+    return bool(value and value.strip()) and len(value or "") <= MAX_REASON
+
+
 def _safe_next(target: str | None) -> str | None:
-    """``target`` if it is a path on this site, else None (no open redirects)."""
+    """``target`` if it is a page on this site that answers GET, else None.
+
+    No open redirects (another host, a scheme, ``//`` or a backslash), and no
+    address that only takes a POST (``/logout``) or would end the session again."""
     if not target or len(target) > _MAX_NEXT:
         return None
     # One leading slash and no backslash (browsers read it as a slash): a path, not
@@ -229,6 +407,15 @@ def _safe_next(target: str | None) -> str | None:
     if "\\" in target or not target.isprintable():
         return None
     parts = urlsplit(target)  # cannot raise now: only a host part ("//[") makes it
-    if parts.scheme or parts.netloc:
+    if parts.scheme or parts.netloc or not _answers_get(parts.path):
         return None
     return target.rstrip("?")
+
+
+def _answers_get(path: str) -> bool:
+    """True when ``path`` is a page of this console a browser may be sent to."""
+    try:
+        endpoint, _ = current_app.url_map.bind("localhost").match(path, method="GET")
+    except HTTPException:  # not found, GET not allowed, or a redirect to another path
+        return False
+    return endpoint not in NOT_RETURNED_TO

@@ -1,5 +1,6 @@
-"""The console's commands: ``saga console``, ``saga user add|list|set-role|disable``
-and ``saga demo`` (the engine's demo with the console beside it).
+"""The console's commands: ``saga console``, ``saga user
+add|list|set-role|set-password|disable`` and ``saga demo`` (the engine's demo
+with the console beside it).
 
 :mod:`console.cli` adds them to the engine's ``saga`` group; under it they
 use its settings and ``-A`` modules, and run on their own (tests) they read
@@ -8,8 +9,8 @@ the same ``SAGA_*`` variables.
 
 from __future__ import annotations
 
-import os
 import secrets
+import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,14 +20,14 @@ import click
 from console import create_app
 from console.serve import ConsoleServer
 from console.services import Services
-from engine.cli.context import Cli, check_url, pass_cli
-from engine.cli.errors import BadInput
+from engine.cli.context import Cli, check_url, pass_cli, shell_origin
+from engine.cli.errors import EXIT_NOT_FOUND, BadInput
 from engine.cli.params import Text, WholeNumber
 from engine.cli.processes import stop_on_signals
 from engine.demo import DemoOptions, prepare, run_demo
 from engine.display import visible
-from engine.errors import InvalidInput
-from engine.inputs import MAX_BIGINT
+from engine.errors import InvalidInput, UnknownUser
+from engine.inputs import MAX_BIGINT, check_filter
 from engine.runtime import SagaEngine
 from engine.settings import Settings
 from engine.store import open_store
@@ -104,15 +105,33 @@ def user_group() -> None:
 @click.option(
     "--password",
     type=Text(MAX_PASSWORD),  # a password the hash can encode: no lone surrogate
-    prompt=True,
-    hide_input=True,
-    confirmation_prompt=True,
-    help="Prompted for when not given (the prompt keeps it out of shell history).",
+    default=None,
+    help="The password (it lands in shell history: prefer the prompt or --password-stdin).",
 )
-def add_user(name: str, role: str, password: str) -> None:
-    """Create console user NAME."""
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
+def add_user(name: str, role: str, password: str | None, password_stdin: bool) -> None:
+    """Create console user NAME (the password is prompted for twice, not echoed)."""
+    password = _password(password, password_stdin)
     user = _run(lambda users: users.add(name, password, role, created_by=_cli_actor()))
     click.echo(f"added {user.name} ({user.role})")
+
+
+@user_group.command("set-password")
+@click.argument("name", type=USER_NAME)
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the new password from the first line of stdin."
+)
+def set_password(name: str, password_stdin: bool) -> None:
+    """Give console user NAME a new password; every session of theirs ends.
+
+    Prompted for twice and never echoed, unless --password-stdin. A forced
+    reset is cleared: the user signs in with this password.
+    """
+    password = _password(None, password_stdin)
+    user = _run(lambda users: users.set_password(name, password, actor=_cli_actor()))
+    click.echo(f"{user.name} has a new password; their sessions have ended")
 
 
 @user_group.command("list")
@@ -137,14 +156,32 @@ def set_role(name: str, role: str) -> None:
 @click.argument("name", type=USER_NAME)
 @click.option("--enable", is_flag=True, help="Enable the user again instead.")
 def disable(name: str, enable: bool) -> None:
-    """Disable console user NAME (their sessions end at their next request)."""
+    """Disable console user NAME (every session of theirs ends at once)."""
     user = _run(lambda users: users.set_disabled(name, not enable, actor=_cli_actor()))
     click.echo(f"{user.name} is {'disabled' if user.disabled else 'enabled'}")
 
 
+def _password(given: str | None, from_stdin: bool) -> str:
+    """The password: given as an option, the first line of stdin, or prompted for twice."""
+    if given is not None and from_stdin:
+        raise click.UsageError("give --password or --password-stdin, not both")
+    if given is not None:
+        return given
+    if from_stdin:
+        typed = sys.stdin.readline().rstrip("\r\n")
+        return check_filter("password", typed, limit=MAX_PASSWORD) or ""
+    # The same checks as --password: a typed password the hash could not encode is
+    # refused here, and asked for again.
+    prompted = click.prompt(
+        "Password", hide_input=True, confirmation_prompt=True, type=Text(MAX_PASSWORD)
+    )
+    return str(prompted)
+
+
 def _cli_actor() -> str:
-    """Who changes users from the command line, for the record: the shell's user."""
-    return f"cli:{os.environ.get('USER') or 'unknown'}"
+    """Who changes users from the command line, for the record: the OS user and host of
+    this process (not $USER, which anyone can set), as every CLI action records them."""
+    return f"cli:{shell_origin().detail or 'unknown'}"
 
 
 def _cli() -> Cli | None:
@@ -164,10 +201,17 @@ def _run(op: Callable[[UserStore], T]) -> T:
     try:
         return op(UserStore(store.db))
     except InvalidInput as exc:
-        raise BadInput(str(exc)) from exc  # exit 2, as everywhere: not an unexpected error
+        refused = _NoSuchUser if isinstance(exc, UnknownUser) else BadInput
+        raise refused(str(exc)) from exc  # exit 3 or 2, as everywhere: not unexpected
     finally:
         if cli is None:
             store.dispose()
+
+
+class _NoSuchUser(click.ClickException):
+    """No user of that name: exit 3 ("not found"), as docs/cli.md says."""
+
+    exit_code = EXIT_NOT_FOUND
 
 
 #: The user ``saga demo`` creates; no other command creates a user by itself.

@@ -19,7 +19,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from console import describe, services
-from console.auth import require_role
+from console.auth import bring_back, require_role
 from console.forms import ActionForm, parse_json
 from console.params import check_seen_version
 from console.services import Role
@@ -52,7 +52,10 @@ CHOICES = {
     ),
     "skip": Choice("skip", "Skip step", "secondary", "Mark the step done by hand and go on"),
     "resolve": Choice(
-        "resolve", "Resolve by hand", "danger-outline", "Close it: the saga ends cancelled"
+        "resolve",
+        describe.RESOLVE,
+        "resolve",
+        "You dealt with it yourself: close it (the saga ends cancelled, recorded as resolved)",
     ),
 }
 
@@ -95,7 +98,8 @@ def act(saga_id: str, choice: str) -> ResponseReturnValue:
         check_seen_version(inst, request.args.get("version"))
         _check_dead_lettered(inst, picked)
         form.expected_version.data = inst.version
-        return _confirm(inst, picked, form, payload_text=_pretty(inst.payload))
+        carried = bring_back(form)
+        return _confirm(inst, picked, form, payload_text=_pretty(inst.payload), carried=carried)
     payload_text = request.form.get("payload", "")
     if not form.validate_on_submit():
         return _confirm(inst, picked, form, payload_text=payload_text), 400
@@ -151,6 +155,7 @@ def _confirm(
     *,
     payload_text: str,
     problem: str | None = None,
+    carried: bool = False,
 ) -> str:
     letter = services.get().queries.dead_letters(saga_id=inst.id, limit=1)
     return render_template(
@@ -163,6 +168,7 @@ def _confirm(
         payload_text=payload_text,
         problem=problem,
         back=request.args.get("back", ""),
+        carried=carried,
     )
 
 
@@ -170,19 +176,9 @@ def consequence(picked: Choice, inst: Instance) -> str:
     """What confirming ``picked`` does to ``inst``, in one paragraph."""
     if picked.slug in ("retry", "skip"):
         return describe.consequence(Action(picked.slug), inst)
-    step = inst.current.name
     if picked.slug == "edit-retry":
-        return (
-            "Replaces the saga's payload (the input every step reads) with the JSON below, "
-            f"then runs step “{step}” again now with a fresh retry budget. Steps that "
-            "already ran keep the outputs they produced from the old payload. The audit "
-            "log records the payload before and after."
-        )
-    return (
-        "Marks this dead letter resolved by hand and ends the saga as cancelled: nothing "
-        "more runs and nothing is undone. Do this only once you have finished or undone "
-        "its work yourself; it leaves the dead-letter queue and cannot be reversed."
-    )
+        return describe.edit_retry_consequence(inst)
+    return describe.resolve_consequence(inst)
 
 
 def _choice(slug: str) -> Choice:

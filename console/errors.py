@@ -12,7 +12,7 @@ from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from console import services
+from console import auth, services
 from console.services import DatabaseError
 from engine.errors import (
     ConcurrencyConflict,
@@ -67,6 +67,8 @@ def _http(exc: HTTPException) -> ResponseReturnValue:
 
 
 def _csrf(exc: CSRFError) -> ResponseReturnValue:
+    if request.endpoint == "auth.login":
+        return auth.login_form_refused(exc)  # the sign-in page, saying why
     return error_page(
         400,
         f"The form could not be trusted ({exc.description}). Reload the "

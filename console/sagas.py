@@ -14,7 +14,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from console import describe, services
-from console.auth import require_role
+from console.auth import bring_back, require_role
 from console.charts import step_charts
 from console.forms import ActionForm, SignalForm
 from console.htmx import request
@@ -116,7 +116,10 @@ def act(saga_id: str, action_name: str) -> ResponseReturnValue:
         check_seen_version(inst, request.args.get("version"))
         _check_allowed(inst, action)
         form.expected_version.data = inst.version
-        return render_template("confirm.html", **_confirm_context(inst, action, form))
+        carried = bring_back(form)
+        return render_template(
+            "confirm.html", **_confirm_context(inst, action, form), carried=carried
+        )
     if not form.validate_on_submit():
         return render_template("confirm.html", **_confirm_context(inst, action, form)), 400
     done = svc.operations.act(
@@ -159,6 +162,7 @@ def _instance_context(inst: Instance) -> dict[str, Any]:
         "stuck_since": queries.stuck_since(inst.id),
         "charts": step_charts(inst, durations, now_ms()),
         "labels": describe.LABELS,
+        "side": describe.side(inst),
         "poll_seconds": int(current_app.config["SAGA_INSTANCE_POLL_SECONDS"]),
         "choreo_actions": _choreo_actions(inst),
         "open_waits": _open_waits(inst, defn),
@@ -219,7 +223,8 @@ def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
         check_seen_version(inst, request.args.get("version"))
         _check_definition(inst)
         form.expected_version.data = inst.version
-        return _signal_page(inst, event, form, svc.signals.open_wait(inst, event))
+        carried = bring_back(form)
+        return _signal_page(inst, event, form, svc.signals.open_wait(inst, event), carried=carried)
     if not form.validate_on_submit():
         return _signal_page(inst, event, form, _wait_for(inst, event)), 400
     try:
@@ -241,7 +246,13 @@ def send_signal(saga_id: str, event: str) -> ResponseReturnValue:
 
 
 def _signal_page(
-    inst: Instance, event: str, form: SignalForm, wait: OpenWait | None, problem: str = ""
+    inst: Instance,
+    event: str,
+    form: SignalForm,
+    wait: OpenWait | None,
+    problem: str = "",
+    *,
+    carried: bool = False,
 ) -> str:
     return render_template(
         "confirm_signal.html",
@@ -251,6 +262,7 @@ def _signal_page(
         label=describe.SEND_SIGNAL,
         consequence=describe.signal_consequence(wait) if wait is not None else "",
         problem=problem,
+        carried=carried,
     )
 
 
@@ -304,7 +316,7 @@ def choreo_act(saga_id: str, action_name: str) -> ResponseReturnValue:
     if request.method == "GET":
         check_seen_version(inst, request.args.get("version"))
         form.expected_version.data = inst.version
-        return render_template("confirm.html", **context)
+        return render_template("confirm.html", **context, carried=bring_back(form))
     if not form.validate_on_submit():
         return render_template("confirm.html", **context), 400
     check_seen_version(inst, str(form.expected_version.data))

@@ -7,6 +7,7 @@
     ├── UnknownSaga (LookupError)  no saga of that name is registered
     ├── SagaNotFound (LookupError) no instance with that id
     ├── InvalidInput (ValueError)  a payload, filter or argument is malformed
+    │   └── UnknownUser (LookupError)  no console user has that name
     ├── InvalidTransition          the instance's state does not allow the operation
     ├── ConcurrencyConflict        the instance changed since the caller last read it
     ├── StepFailed                 raised by step code: a retryable failure
@@ -61,6 +62,14 @@ class InvalidInput(SagaError, ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"invalid {field}: {problem}")
+
+
+class UnknownUser(InvalidInput, LookupError):
+    """No console user has this name (bad input to the console, "not found" to the CLI)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__("user name", f"no user named {name!r}")
 
 
 class InvalidTransition(SagaError):

@@ -19,7 +19,7 @@ from engine.inputs import MAX_BIGINT, MAX_KEY, MAX_NAME, check_filter, check_id
 from engine.model import now_ms
 from engine.outcomes import Followed, Result, follow
 from engine.signals import OpenWait
-from engine.states import SagaState
+from engine.states import SagaState, side_in_play
 from engine.store import Store
 from engine.store.reads import InstanceFilter, Row
 
@@ -74,13 +74,17 @@ class InstanceSummary:
     lease_owner: str | None
     stuck_since: int | None = None  # when the stuck sweep flagged it; None when not stuck
     kind: str = "orchestrated"  # or "choreographed" (engine.choreography)
+    #: "action" or "compensate": the side of the current step in play, or last in play
+    #: (a failed row says which side failed; a compensated one, the compensation).
+    phase: str = "action"
 
     def to_json(self) -> dict[str, Any]:
-        # The `saga list --json` shape is pinned (docs/cli.md); stuck_since and kind are
-        # for the console.
+        # The `saga list --json` shape is pinned (docs/cli.md); stuck_since, kind and
+        # phase are for the console.
         doc = asdict(self)
         del doc["stuck_since"]
         del doc["kind"]
+        del doc["phase"]
         return doc
 
 
@@ -392,6 +396,7 @@ def _summary(row: Row) -> InstanceSummary:
         lease_owner=row["lease_owner"],
         stuck_since=row["stuck_since"],
         kind=row["kind"],
+        phase=str(side_in_play(row["state"], row["current_comp_status"] or "not_needed")),
     )
 
 

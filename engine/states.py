@@ -61,6 +61,20 @@ class Phase(StrEnum):
     COMPENSATE = "compensate"
 
 
+def side_in_play(state: str, comp_status: str) -> Phase:
+    """Which side of an instance's current step is, or was last, in play, for people.
+
+    Unlike ``Instance.phase`` (the side a worker or an operator acts on next, which
+    is the action once an instance is final), a compensated instance, or one stopped
+    while compensating, answers the compensation: that is what ran last.
+    """
+    if state in (SagaState.COMPENSATING, SagaState.COMPENSATED):
+        return Phase.COMPENSATE
+    if comp_status != CompensationStatus.NOT_NEEDED:
+        return Phase.COMPENSATE
+    return Phase.ACTION
+
+
 class StepKind(StrEnum):
     """Garcia-Molina & Salem's step kinds."""
 

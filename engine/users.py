@@ -3,8 +3,14 @@
 The console signs people in against this table; ``saga user add`` fills it.
 Passwords are stored only as werkzeug hashes (scrypt). There is no default
 user: only ``saga demo`` creates one, with a generated password it prints once.
-Every change (added, role, disabled, enabled, password) is recorded in
-``saga_user_changes`` with who made it, in the same transaction.
+Every change (added, role, disabled, enabled, password, forced reset) is
+recorded in ``saga_user_changes`` with who made it, in the same transaction.
+
+Sessions are revocable: each user row keeps a ``session_epoch`` that the
+console writes into every session it signs the user in with, and checks on
+every request. Signing out, a password change, a forced reset and disabling
+the user raise it, which ends every session of that user at once, in every
+console process, because the number lives in the store.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, UnknownUser
 from engine.model import now_ms
 from engine.store.connection import Connection, Database
 from engine.store.users import Row, UserRows
@@ -60,6 +66,10 @@ class User:
     updated_at: int
     created_by: str | None
     last_login_at: int | None
+    #: Sessions signed in with another epoch are over (see the module's docstring).
+    session_epoch: int = 0
+    #: An admin forced a reset: the user must choose a new password before anything else.
+    must_change_password: bool = False
 
     @property
     def active(self) -> bool:
@@ -72,7 +82,7 @@ class UserChange:
 
     at: int
     actor: str
-    action: str  # add, set_role, disable, enable, set_password
+    action: str  # add, set_role, disable, enable, set_password, force_reset
     user_name: str
     detail: dict[str, Any] | None
 
@@ -121,15 +131,17 @@ class UserStore:
         with self._rows.connection() as c:
             return [_user(r) for r in self._rows.all(c)]
 
-    def authenticate(self, name: str, password: str) -> User | None:
-        """The enabled user with this name and password, or None; records the sign-in time."""
+    def authenticate(self, name: str, password: str, *, record: bool = True) -> User | None:
+        """The enabled user with this name and password, or None; records the sign-in time
+        unless ``record`` is false (a password check that is not a sign-in)."""
         with self._rows.transaction() as c:
             row = self._rows.by_name(c, name.strip().lower())
             stored = row["password_hash"] if row is not None else _DUMMY_HASH
             matches = check_password_hash(stored, password)
             if row is None or not matches or row["disabled"]:
                 return None
-            self._rows.update(c, row["id"], last_login_at=now_ms())
+            if record:
+                self._rows.update(c, row["id"], last_login_at=now_ms())
             return _user(row)
 
     # -- failed sign-ins, for the console's throttle -------------------------------
@@ -153,15 +165,42 @@ class UserStore:
         return self._update(name, {"role": str(role)}, change, demotes=role is not Role.ADMIN)
 
     def set_disabled(self, name: str, disabled: bool, *, actor: str = "api") -> User:
-        """Disable (or re-enable) a user; refuses to disable the last enabled admin."""
+        """Disable (or re-enable) a user; refuses to disable the last enabled admin.
+
+        Disabling ends every session of the user."""
         change = _Change(actor, "disable" if disabled else "enable", lambda row: None)
-        return self._update(name, {"disabled": disabled}, change, demotes=disabled)
+        return self._update(
+            name, {"disabled": disabled}, change, demotes=disabled, end_sessions=disabled
+        )
 
     def set_password(self, name: str, password: str, *, actor: str = "api") -> User:
+        """Give a user a new password; every session of theirs ends, a forced reset is done."""
         _check_password(password)
         hashed = generate_password_hash(password, method=PASSWORD_HASH_METHOD)
         change = _Change(actor, "set_password", lambda row: None)
-        return self._update(name, {"password_hash": hashed}, change, demotes=False)
+        values = {"password_hash": hashed, "must_change_password": False}
+        return self._update(name, values, change, demotes=False, end_sessions=True)
+
+    def change_password(self, name: str, current: str, new: str) -> User | None:
+        """A user changes their own password: None when ``current`` is not theirs.
+
+        Raises InvalidInput when the new password is unusable or is the current one."""
+        if self.authenticate(name, current, record=False) is None:
+            return None
+        if new == current:
+            raise InvalidInput("new password", "is the same as the current one; choose another")
+        return self.set_password(name, new, actor=name.strip().lower())
+
+    def force_reset(self, name: str, *, actor: str = "api") -> User:
+        """Make a user choose a new password at their next sign-in; their sessions end now."""
+        change = _Change(actor, "force_reset", lambda row: None)
+        values = {"must_change_password": True}
+        return self._update(name, values, change, demotes=False, end_sessions=True)
+
+    def end_sessions(self, user_id: int) -> None:
+        """End every session of the user (sign-out). Not a change to record: it is routine."""
+        with self._rows.transaction() as c:
+            self._rows.raise_session_epoch(c, user_id)
 
     def recent_changes(self, limit: int = 50) -> list[UserChange]:
         """The newest ``limit`` changes to users, newest first."""
@@ -175,19 +214,29 @@ class UserStore:
         with self._rows.connection() as c:
             return self._rows.count(c)
 
-    def _update(self, name: str, values: dict[str, Any], change: _Change, *, demotes: bool) -> User:
+    def _update(
+        self,
+        name: str,
+        values: dict[str, Any],
+        change: _Change,
+        *,
+        demotes: bool,
+        end_sessions: bool = False,
+    ) -> User:
         name = name.strip().lower()
         now = now_ms()
         with self._rows.transaction() as c:
             row = self._rows.by_name(c, name)
             if row is None:
-                raise InvalidInput("user name", f"no user named {name!r}")
+                raise UnknownUser(name)
             last = demotes and _is_enabled_admin(row)
             if last and self._rows.count_enabled(c, str(Role.ADMIN)) <= 1:
                 raise InvalidInput(
                     "user", f"{name!r} is the last enabled admin; make someone else admin first"
                 )
             self._rows.update(c, row["id"], updated_at=now, **values)
+            if end_sessions:
+                self._rows.raise_session_epoch(c, row["id"])
             self._record(c, now, change.actor, change.action, name, change.detail(row))
             return _user(self._rows.by_name(c, name))
 
@@ -253,4 +302,6 @@ def _user(row: Row | None) -> User:
         updated_at=row["updated_at"],
         created_by=row["created_by"],
         last_login_at=row["last_login_at"],
+        session_epoch=int(row["session_epoch"]),
+        must_change_password=bool(row["must_change_password"]),
     )

@@ -391,6 +391,8 @@ class SampleItem:
     updated_at: int
     applies: bool | None  # None when this process lacks the saga's definition
     why_not: str | None
+    #: "action" or "compensate": the side of the step in play (which side failed, if failed).
+    phase: str = "action"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

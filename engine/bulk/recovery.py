@@ -69,6 +69,7 @@ from engine.interventions import Action
 from engine.model import new_id
 from engine.operations import Operations
 from engine.origins import IN_PROCESS, Origin
+from engine.states import side_in_play
 from engine.store.bulk import BulkStore
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class BulkRecovery:
             updated_at=row["updated_at"],
             applies=applies,
             why_not=why,
+            phase=str(side_in_play(row["state"], row["comp_status"])),
         )
 
     def _applies(self, action: Action, saga_id: str) -> tuple[bool | None, str | None]:

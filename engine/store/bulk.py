@@ -49,6 +49,7 @@ def _matching(flt: BulkFilter) -> sa.Select[Any]:
         i.created_at,
         i.updated_at,
         s.name.label("step_name"),
+        s.comp_status,
         sa.func.coalesce(s.comp_error, s.error).label("error"),
     ).join(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
     if flt.saga_name:

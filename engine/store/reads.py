@@ -80,7 +80,11 @@ class Reads:
         (created_at, id), each with its current step's name; and whether more follow."""
         i, s = t.instances.c, t.steps.c
         query = (
-            sa.select(t.instances, s.name.label("current_step_name"))
+            sa.select(
+                t.instances,
+                s.name.label("current_step_name"),
+                s.comp_status.label("current_comp_status"),
+            )
             .outerjoin(t.steps, sa.and_(s.saga_id == i.id, s.step_index == i.current_step))
             .where(*_conditions(flt))
             .order_by(i.created_at.desc(), i.id.desc())

@@ -245,6 +245,10 @@ users = sa.Table(
     sa.Column("updated_at", Millis, nullable=False),
     sa.Column("created_by", sa.String(150), nullable=True),
     sa.Column("last_login_at", Millis, nullable=True),
+    # Raised to end every session of the user at once (migration 0012).
+    sa.Column("session_epoch", sa.Integer, nullable=False, server_default="0"),
+    # An admin forced a reset: a new password before anything else (migration 0012).
+    sa.Column("must_change_password", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("uq_saga_users_name", "name", unique=True),
 )
 

@@ -62,6 +62,11 @@ class UserRows:
     def update(self, c: Connection, user_id: int, **values: Any) -> None:
         c.execute(t.users.update().where(t.users.c.id == user_id).values(**values))
 
+    def raise_session_epoch(self, c: Connection, user_id: int) -> None:
+        """Add one to the user's session epoch, in SQL: two raises at once both count."""
+        u = t.users.c
+        c.execute(t.users.update().where(u.id == user_id).values(session_epoch=u.session_epoch + 1))
+
     # -- changes ----------------------------------------------------------------------
 
     def record_change(

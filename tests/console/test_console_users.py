@@ -214,3 +214,79 @@ class TestUserCommands:
         assert result.exit_code == 2  # bad input, as for every command
         assert "'ann' is taken" in result.output
         assert "Traceback" not in result.output
+
+
+class TestSetPasswordCommand:
+    @pytest.fixture
+    def runner(self, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+        monkeypatch.setenv("SAGA_DATABASE_URL", sqlite_url)
+        monkeypatch.setenv("USER", "grace")
+        runner = CliRunner()
+        runner.invoke(user_group, ["add", "ann", "--password", PASSWORD])
+        return runner
+
+    @pytest.fixture
+    def users(self, sqlite_url: str) -> Iterator[UserStore]:
+        store = open_store(sqlite_url)
+        yield UserStore(store.db)
+        store.dispose()
+
+    def test_prompts_twice_never_echoes_and_ends_every_session(
+        self, runner: CliRunner, users: UserStore
+    ) -> None:
+        before = users.by_name("ann")
+        new = "the new one, typed twice"
+        result = runner.invoke(user_group, ["set-password", "ann"], input=f"{new}\n{new}\n")
+        assert result.exit_code == 0, result.output
+        assert new not in result.output
+        assert "ann has a new password; their sessions have ended" in result.output
+        after = users.by_name("ann")
+        assert before is not None and after is not None
+        assert after.session_epoch > before.session_epoch
+        assert users.authenticate("ann", new) is not None
+        assert users.authenticate("ann", PASSWORD) is None
+        change = users.recent_changes()[0]
+        assert (change.actor, change.action, change.user_name) == (
+            "cli:grace",
+            "set_password",
+            "ann",
+        )
+
+    def test_reads_the_password_from_stdin(self, runner: CliRunner, users: UserStore) -> None:
+        result = runner.invoke(
+            user_group, ["set-password", "ann", "--password-stdin"], input="from a pipe 123\n"
+        )
+        assert result.exit_code == 0, result.output
+        assert "from a pipe" not in result.output
+        assert users.authenticate("ann", "from a pipe 123") is not None
+
+    def test_clears_a_forced_reset(self, runner: CliRunner, users: UserStore) -> None:
+        users.force_reset("ann", actor="admin")
+        runner.invoke(user_group, ["set-password", "ann", "--password-stdin"], input="x" * 12)
+        after = users.by_name("ann")
+        assert after is not None and after.must_change_password is False
+
+    @pytest.mark.parametrize(
+        ("args", "given", "code", "says"),
+        [
+            (["set-password", "nobody", "--password-stdin"], "long enough pw\n", 3, "no user"),
+            (["set-password", "ann", "--password-stdin"], "short\n", 2, "password"),
+            (["set-password", "ann", "--password-stdin"], "", 2, "password"),
+        ],
+    )
+    def test_exit_codes_follow_the_cli_docs(
+        self, runner: CliRunner, args: list[str], given: str, code: int, says: str
+    ) -> None:
+        result = runner.invoke(user_group, args, input=given)
+        assert result.exit_code == code, result.output
+        assert says in result.output
+        assert "Traceback" not in result.output
+
+    def test_add_reads_the_password_from_stdin_too(
+        self, runner: CliRunner, users: UserStore
+    ) -> None:
+        result = runner.invoke(
+            user_group, ["add", "bob", "--password-stdin"], input="piped password\n"
+        )
+        assert result.exit_code == 0, result.output
+        assert users.authenticate("bob", "piped password") is not None

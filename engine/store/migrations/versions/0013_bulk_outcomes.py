@@ -8,7 +8,7 @@ previewed (ids and versions) in ``saga_bulk_snapshots`` and
 ``more_matching`` counts the instances that matched at confirmation on top.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0013"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
