@@ -180,6 +180,7 @@ class BulkStore:
                 i.created_at,
                 i.updated_at,
                 st.name.label("step_name"),
+                st.comp_status,
                 sa.func.coalesce(st.comp_error, st.error).label("error"),
             )
             .select_from(t.bulk_snapshot_items)

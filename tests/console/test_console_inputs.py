@@ -142,13 +142,13 @@ def test_the_version_an_action_form_carries_must_be_ascii_digits(
 
 @pytest.mark.parametrize(
     ("field", "number"),
-    [("expected_count", "²"), ("expected_count", BIG), ("batch_size", "²"), ("batch_size", BIG)],
+    [("batch_size", "²"), ("batch_size", BIG), ("batch_size", "٣"), ("batch_size", "1_0")],
 )
 def test_the_bulk_forms_numbers_must_be_ascii_digits(
     field: str, number: str, operator: FlaskClient, failed: Instance, snapshot: StoreSnapshot
 ) -> None:
     before = snapshot.take()
-    form = {"action": "retry", "state": "failed", "reason": "outage over", "expected_count": "1"}
+    form = {"action": "retry", "state": "failed", "reason": "outage over", "snapshot": "x" * 20}
     response = operator.post("/bulk", data={**form, field: number})
     assert_refused(response, f"invalid {field}", "not a whole number")
     assert snapshot.take() == before

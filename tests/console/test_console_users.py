@@ -12,10 +12,14 @@ from flask.testing import FlaskClient
 
 from console.commands import user_group
 from engine import InvalidInput
+from engine.cli.context import shell_origin
 from engine.store import open_store
 from engine.store.schema import users as users_table
 from engine.users import Role, UserStore
 from tests.console.support import PASSWORD, sign_in, text
+
+#: What the audit of user changes records for the CLI: the OS user and host, not $USER.
+CLI_ACTOR = f"cli:{shell_origin().detail}"
 
 
 class TestUsersPage:
@@ -202,10 +206,10 @@ class TestUserCommands:
         finally:
             store.dispose()
         assert [(c.actor, c.action, c.user_name) for c in changes] == [
-            ("cli:grace", "disable", "bob"),
-            ("cli:grace", "set_role", "bob"),
-            ("cli:grace", "add", "bob"),
-            ("cli:grace", "add", "ann"),
+            (CLI_ACTOR, "disable", "bob"),
+            (CLI_ACTOR, "set_role", "bob"),
+            (CLI_ACTOR, "add", "bob"),
+            (CLI_ACTOR, "add", "ann"),
         ]
 
     def test_errors_are_reported_without_a_traceback(self, runner: CliRunner) -> None:
@@ -247,7 +251,7 @@ class TestSetPasswordCommand:
         assert users.authenticate("ann", PASSWORD) is None
         change = users.recent_changes()[0]
         assert (change.actor, change.action, change.user_name) == (
-            "cli:grace",
+            CLI_ACTOR,
             "set_password",
             "ann",
         )

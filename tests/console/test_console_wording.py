@@ -208,9 +208,13 @@ class TestBulkNote:
             "batch_size": "10",
             "max_failure": "50",
             "time_field": "created",
-            "expected_count": str(count),
-            "reason": "orders withdrawn (INC-9)",
         }
+        query = "&".join(f"{k}={v}" for k, v in form.items())
+        page = text(client.get(f"/bulk/new?dry_run=1&{query}"))
+        assert f'id="dry-run-count">{count} ' in page
+        token = re.search(r'name="snapshot" value="([^"]+)"', page)
+        assert token is not None
+        form.update(snapshot=token.group(1), reason="orders withdrawn (INC-9)")
         response = client.post("/bulk", data=form)
         assert response.status_code == 302, text(response)
         for thread in app.extensions["saga"].bulk.runner_threads:
