@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from engine import IdempotencyGuard, Retry, SagaEngine, SagaState
 from engine.definition import StuckPolicy
 from engine.model import Instance, idempotency_key
+from engine.origins import Origin
 from engine.queries import InstanceFilter, Queries
 from engine.states import Phase, StepStatus
 from engine.store import schema as t
@@ -224,6 +225,28 @@ def test_the_retry_policy_retries_once_per_stretch_without_progress(world: World
     assert engine.sweeps().stuck() == {"flagged": 1, "retried": 0, "compensated": 0, "cleared": 0}
     assert len(audit(engine, saga_id)) == 1
     assert Queries(engine.store).stuck_since(saga_id) == world.clock.now
+
+
+def test_a_person_claiming_to_be_the_sweeper_does_not_stand_in_for_it(world: World) -> None:
+    # `saga retry ID --actor sweeper` records the claim, from the CLI; the sweeper judges
+    # what it did by the origin only its own door records, so its policies still apply.
+    policy = Retry(max_attempts=1, initial_delay=timedelta(minutes=1), jitter=0.0)
+    engine = world.engine(
+        saga("nudged", stuck_policy=StuckPolicy.RETRY, stuck_grace=timedelta(minutes=1)),
+        saga("refund", dead_letter_retry=policy),
+    )
+    stuck = engine.start("nudged", {}).id
+    refund = engine.run("refund", REFUND_FAILS).id
+    claimed = Origin.of("cli", "mallory@laptop")
+    world.clock.advance(minutes=1)
+    engine.operations.retry(stuck, actor=SWEEPER, reason="pretending", origin=claimed)
+    engine.operations.retry(refund, actor=SWEEPER, reason="pretending", origin=claimed)
+    assert run_again(engine, refund).state is SagaState.FAILED
+
+    world.clock.advance(minutes=12)
+    assert engine.sweeps().stuck()["retried"] == 1  # the claim did not count as the sweeper's
+    # Its one automatic retry is still there (due at once: the dead letter is old enough).
+    assert engine.sweeps().dead_letters() == {"planned": 1, "retried": 1, "dropped": 0}
 
 
 def test_the_compensate_policy_force_compensates(world: World) -> None:

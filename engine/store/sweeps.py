@@ -245,10 +245,10 @@ class SweepQueries:
             c.execute(t.stuck_marks.delete().where(m.saga_id.in_([r.saga_id for r in lifted])))
         return len(events)
 
-    def acted_since(self, saga_id: str, actor: str, since: int) -> bool:
-        """Whether ``actor`` has an audit-log entry on the instance at or after ``since``."""
+    def acted_since(self, saga_id: str, since: int) -> bool:
+        """Whether the sweeper has an audit-log entry on the instance at or after ``since``."""
         a = t.operator_actions.c
-        query = sa.select(a.id).where(a.saga_id == saga_id, a.actor == actor, a.at >= since)
+        query = sa.select(a.id).where(a.saga_id == saga_id, _by_the_sweeper(), a.at >= since)
         with self.db.connect() as c:
             return c.execute(query.limit(1)).first() is not None
 
@@ -273,16 +273,16 @@ class SweepQueries:
                 break
         return found
 
-    def automatic_retries(self, saga_ids: Collection[str], resolved_by: str) -> dict[str, int]:
-        """Per instance, how many of its dead letters ``resolved_by`` closed with a retry."""
+    def automatic_retries(self, saga_ids: Collection[str]) -> dict[str, int]:
+        """Per instance, how many times the sweeper retried it out of the dead-letter queue."""
         if not saga_ids:
             return {}
-        d = t.dead_letters.c
+        a = t.operator_actions.c
         query = (
-            sa.select(d.saga_id, sa.func.count())
-            .where(d.saga_id.in_(list(saga_ids)), d.resolved_by == resolved_by)
-            .where(d.resolution == "retry")
-            .group_by(d.saga_id)
+            sa.select(a.saga_id, sa.func.count())
+            .where(a.saga_id.in_(list(saga_ids)), _by_the_sweeper())
+            .where(a.action == "retry", a.state_before == "failed")
+            .group_by(a.saga_id)
         )
         with self.db.connect() as c:
             return {str(saga_id): int(n) for saga_id, n in c.execute(query)}
@@ -428,3 +428,11 @@ def _note(
 def _dead_letter_select() -> sa.Select[Any]:
     d = t.dead_letters.c
     return sa.select(d.id, d.saga_id, d.saga_name, d.created_at, d.auto_retries)
+
+
+def _by_the_sweeper() -> sa.ColumnElement[bool]:
+    """Audit entries the sweeper wrote: by their origin, which only the sweeper's own door
+    records (an operator's ``--actor sweeper`` is a claim, recorded from the CLI). Entries
+    from before origins were recorded (``unknown``) are judged by their actor."""
+    a = t.operator_actions.c
+    return sa.or_(a.origin == "sweeper", sa.and_(a.origin == "unknown", a.actor == "sweeper"))

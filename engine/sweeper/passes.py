@@ -56,9 +56,6 @@ log = logging.getLogger(__name__)
 
 #: The actor of everything the sweeps do, on the timeline and in the audit log.
 SWEEPER = "sweeper"
-#: How the store records a dead letter that the sweeper's retry resolved
-#: (operations prefix the actor of an operator's save with "operator:").
-RESOLVED_BY_SWEEPER = f"operator:{SWEEPER}"
 #: Retention deletes batch after batch for about this long per pass, then lets the
 #: other sweeps run: each pass stays short, and a backlog drains pass after pass.
 RETENTION_BUDGET_SECONDS = 0.1
@@ -174,7 +171,7 @@ class Sweeps:
         # Once per stretch without progress: a retry that did not help is not
         # repeated every pass; the flag stays for a person to look at.
         if policy is not StuckPolicy.ALERT and self.store.sweeps.acted_since(
-            found.id, SWEEPER, found.last_progress_at
+            found.id, found.last_progress_at
         ):
             action = "none (the sweeper already acted since the last progress)"
         elif policy is StuckPolicy.ALERT:
@@ -231,7 +228,7 @@ class Sweeps:
         # Every new dead letter of a known saga type is planned, those without a policy
         # as "never": the set still to plan stays small, and so does its index.
         refs = self.store.sweeps.unplanned_dead_letters(self.registry.names(), self.batch)
-        done = self.store.sweeps.automatic_retries({r.saga_id for r in refs}, RESOLVED_BY_SWEEPER)
+        done = self.store.sweeps.automatic_retries({r.saga_id for r in refs})
         plans: list[tuple[int, int, int | None]] = []
         for ref in refs:
             policy, n = policies.get(ref.saga_name), done.get(ref.saga_id, 0)
