@@ -134,6 +134,15 @@ def parse_int(field: str, raw: str, *, low: int = 0, high: int = MAX_BIGINT) -> 
     return int(text)
 
 
+def check_millis(field: str, value: int | None) -> int | None:
+    """An epoch-milliseconds bound a caller passed: None, or within a bigint column."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BIGINT
+    ):
+        raise InvalidInput(field, f"must be epoch milliseconds from 0 to {MAX_BIGINT:,}")
+    return value
+
+
 def optional_int(
     field: str, raw: str | None, *, low: int = 0, high: int = MAX_BIGINT
 ) -> int | None:

@@ -23,7 +23,9 @@ from typing import Any
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from engine.display import visible
 from engine.errors import InvalidInput, UnknownUser
+from engine.inputs import MAX_KEY, check_text, problem_in_text
 from engine.model import now_ms
 from engine.store.connection import Connection, Database
 from engine.store.users import Row, UserRows
@@ -123,6 +125,9 @@ class UserStore:
         return _user(row) if row is not None else None
 
     def by_name(self, name: str) -> User | None:
+        """The user called ``name``; None for any other text, a malformed one included."""
+        if not _could_be_a_name(name):
+            return None  # no such user can exist: the store is not asked
         with self._rows.connection() as c:
             row = self._rows.by_name(c, name.strip().lower())
         return _user(row) if row is not None else None
@@ -223,7 +228,10 @@ class UserStore:
         demotes: bool,
         end_sessions: bool = False,
     ) -> User:
+        if not _could_be_a_name(name):
+            raise UnknownUser(visible(str(name)[:150]))
         name = name.strip().lower()
+        check_text("actor", change.actor, limit=MAX_KEY)
         now = now_ms()
         with self._rows.transaction() as c:
             row = self._rows.by_name(c, name)
@@ -285,6 +293,13 @@ def parse_role(role: Role | str) -> Role:
 def _check_password(password: str) -> None:
     if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
         raise InvalidInput("password", f"use {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    problem = problem_in_text(password)
+    if problem is not None:  # the hash could not encode it
+        raise InvalidInput("password", problem)
+
+
+def _could_be_a_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME.match(name.strip().lower()) is not None
 
 
 def _is_enabled_admin(row: Row) -> bool:

@@ -31,7 +31,9 @@ from engine.inputs import (
     parse_int,
 )
 from engine.queries import InstanceFilter, Queries
+from engine.store import open_store
 from engine.transport.streams import Entry
+from engine.users import UserStore
 from tests.helpers.snapshot import StoreSnapshot
 
 
@@ -245,3 +247,42 @@ def test_a_domain_event_the_store_could_not_take_is_malformed(
     entry = Entry("events", "1-0", {k.encode(): v.encode() for k, v in fields.items()})
     with pytest.raises(BadEvent, match=why):
         parse_event(entry)
+
+
+# -- the engine's own doors, for a library caller ----------------------------------
+
+
+@pytest.mark.parametrize("bound", [-1, 2**63, 2**70])
+def test_time_bounds_past_a_bigint_are_refused(store_url: str, bound: int) -> None:
+    with pytest.raises(InvalidInput, match="epoch milliseconds"):
+        Queries(open_store(store_url)).list_instances(InstanceFilter(created_from=bound))
+    with pytest.raises(InvalidInput, match="epoch milliseconds"):
+        BulkFilter(saga_name="trip", time_to=bound)
+
+
+@pytest.mark.parametrize("name", ["ann\x00", "\ud800", "x" * 500, "not a name!"])
+def test_users_by_a_name_that_cannot_exist_are_not_looked_up(store_url: str, name: str) -> None:
+    users = UserStore(open_store(store_url).db)
+    assert users.by_name(name) is None
+    with pytest.raises(InvalidInput):
+        users.set_role(name, "viewer")
+    with pytest.raises(InvalidInput):
+        users.set_disabled(name, True)
+
+
+@pytest.mark.parametrize("operation_id", ["op\x00", "\ud800", "9" * 5000])
+def test_bulk_operations_by_an_id_that_cannot_exist_are_refused(
+    store_url: str, operation_id: str
+) -> None:
+    engine = SagaEngine(settings=Settings(database_url=store_url))
+    try:
+        recovery = engine.bulk_recovery()
+        for call in (recovery.get, recovery.follow):
+            with pytest.raises(InvalidInput, match="operation id"):
+                call(operation_id)
+        with pytest.raises(InvalidInput):
+            recovery.stop(operation_id, "ann")
+        with pytest.raises(InvalidInput, match="actor"):
+            recovery.stop("01a24567-a2aa-7290-99c1-afefaa142f23", "a\x00b")
+    finally:
+        engine.close()

@@ -48,7 +48,7 @@ from engine.errors import (
     SagaError,
     SagaNotFound,
 )
-from engine.inputs import MAX_KEY, MAX_NAME, check_filter
+from engine.inputs import MAX_KEY, MAX_NAME, check_filter, check_millis
 from engine.interventions import Action
 from engine.operations import MAX_REASON
 from engine.outcomes import Result
@@ -175,6 +175,8 @@ class BulkFilter:
         check_filter("saga name", self.saga_name, limit=MAX_NAME)
         check_filter("step name", self.step_name, limit=MAX_NAME)
         check_filter("error text", self.error_text, limit=MAX_KEY)
+        check_millis("from", self.time_from)
+        check_millis("to", self.time_to)
         if self.time_field not in ("created", "updated"):
             raise InvalidInput("time field", f"{self.time_field!r} is not created or updated")
         if (

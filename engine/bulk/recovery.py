@@ -65,6 +65,7 @@ from engine.errors import (
     SagaNotFound,
     UnknownSaga,
 )
+from engine.inputs import MAX_KEY, check_id, check_text
 from engine.interventions import Action
 from engine.model import new_id
 from engine.operations import Operations
@@ -205,6 +206,8 @@ class BulkRecovery:
 
     def stop(self, operation_id: str, by: str) -> BulkOperation:
         """Ask the runner to stop before its next item; an interrupted one stops at once."""
+        check_id("operation id", operation_id)
+        by = check_text("actor", by, limit=MAX_KEY)
         now = self.clock()
         op = self.store.get(operation_id)
         if not op.is_running:
@@ -218,11 +221,12 @@ class BulkRecovery:
 
     def get(self, operation_id: str) -> BulkOperation:
         """The operation as stored (see :meth:`follow` for up-to-date results)."""
+        check_id("operation id", operation_id)
         return self.store.get(operation_id)
 
     def follow(self, operation_id: str) -> BulkOperation:
         """Follow the applied items that have not ended yet, then read the operation."""
-        self.store.get(operation_id)  # BulkNotFound before anything else
+        self.get(operation_id)  # InvalidInput or BulkNotFound before anything else
         Follower(self.store, self.instances.reads, self.clock).follow(operation_id)
         return self.store.get(operation_id)
 

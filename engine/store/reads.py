@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, RowMapping
 from sqlalchemy.engine import Engine
 
+from engine.inputs import check_millis
 from engine.model import EventKind
 from engine.outcomes import LaterAction, Trace
 from engine.states import SagaState, StepStatus
@@ -42,6 +43,11 @@ class InstanceFilter:
     created_to: int | None = None  # epoch ms, exclusive
     search: str | None = None  # a saga id, correlation id or business key
     stuck: bool = False  # only instances the stuck sweep flagged (stuck_since set)
+
+    def __post_init__(self) -> None:
+        # Compared with bigint columns: a bound past them is bad input, not a store error.
+        check_millis("from", self.created_from)
+        check_millis("to", self.created_to)
 
 
 @dataclass(frozen=True)
