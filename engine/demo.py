@@ -5,7 +5,8 @@ in the working directory when nothing is): migrates the store, registers the
 example sagas, runs a worker and the sweeper, and starts sagas continuously
 with a mix of outcomes (most succeed, some retry first, some compensate, a
 few are dead-lettered, and a few get stuck: an expense whose manager never
-answers, a step far slower than it is expected to be), printing counts by
+answers, a step far slower than it is expected to be, a courier service that
+hangs before it replies), printing counts by
 state every few seconds. The demo plays the manager who approves the other
 expenses, a few seconds after each starts.
 
@@ -85,6 +86,13 @@ SCENARIOS = (
         1,
         approve_after=25.0,
     ),
+    Scenario("ship_parcel", "courier answers: completes", {}, 8),
+    Scenario(
+        "ship_parcel",
+        "courier hangs for 60s: stuck, then goes on",
+        {"fail": {"courier": "slow:60"}},
+        1,
+    ),
 )
 
 #: The demo's sagas: shipped in the engine's own namespace, so the demo runs wherever
@@ -93,6 +101,8 @@ EXAMPLE_MODULES = (
     "engine.examples.travel_booking",
     "engine.examples.order_fulfillment",
     "engine.examples.expense_approval",
+    # A remote step: its courier service runs in this process, on Redis when configured.
+    "engine.examples.parcel_delivery",
 )
 #: The demo's stuck sweep looks this often (seconds), so a stuck saga shows up soon.
 STUCK_SWEEP_SECONDS = 5.0
@@ -223,6 +233,9 @@ class Manager:
 
 def _payload(scenario: Scenario, number: int) -> tuple[str, dict[str, Any]]:
     stamp = f"{int(time.time()) % 100000:05d}-{number}"
+    if scenario.saga == "ship_parcel":
+        key = f"PARCEL-{stamp}"
+        return key, {"parcel": key, **scenario.faults}
     if scenario.saga == "approve_expense":
         key = f"EXP-{stamp}"
         return key, {"employee": "Grace Hopper", "amount_cents": 12000, **scenario.faults}
@@ -263,8 +276,8 @@ def _intro(engine: SagaEngine, options: DemoOptions, concurrency: int) -> str:
         [
             f"saga demo: store {url}, {queue}, one worker (concurrency {concurrency}) "
             "and the sweeper",
-            f"starting book_trip, fulfil_order and approve_expense, about {options.rate:g} a "
-            f"second, {until}:",
+            "starting book_trip, fulfil_order, approve_expense and ship_parcel, about "
+            f"{options.rate:g} a second, {until}:",
             "most complete, some retry first, some compensate, a few are dead-lettered,",
             "and a few get stuck (the console's Stuck tab; send the approval, or compensate).",
             f"progress every {options.report_every:g}s; inspect from another terminal:",

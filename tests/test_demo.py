@@ -15,8 +15,9 @@ import pytest
 
 from engine import SagaEngine, SagaState, Settings
 from engine.demo import SCENARIOS, Manager, prepare
-from engine.examples import expense_approval
+from engine.examples import expense_approval, parcel_delivery
 from engine.examples.expense_approval import APPROVAL, EXPECTED_APPROVAL
+from engine.examples.parcel_delivery import EXPECTED_COURIER
 from engine.queries import Queries
 from tests.helpers.engines import wait_state
 from tests.helpers.sweeps import Clock
@@ -117,3 +118,34 @@ def test_the_demo_looks_for_stuck_sagas_every_few_seconds(tmp_path: Path) -> Non
         assert "approve_expense" in demo.registry.names()
     finally:
         demo.close()
+
+
+def test_a_courier_that_hangs_is_flagged_stuck_and_the_saga_goes_on_when_it_answers(
+    store_url: str, clock: Clock
+) -> None:
+    engine = SagaEngine(
+        [parcel_delivery.ship_parcel],
+        settings=Settings(database_url=store_url, worker_id="demo-test", poll_seconds=0.05),
+        clock=clock,
+    )
+    parcel_delivery.init_engine(engine)  # the courier answers in this process
+    worker = engine.worker().start()
+    try:
+        saga_id = engine.start("ship_parcel", {"fail": {"courier": "slow:2"}}).id
+        # The command is out and the courier has not answered: past what it is expected
+        # to take, plus the grace, the sweeper flags the saga.
+        clock.advance(seconds=EXPECTED_COURIER.total_seconds() + 6)
+        assert engine.sweeps().stuck()["flagged"] == 1
+        assert engine.get(saga_id).current.name == "reserve_courier"
+
+        done = wait_state(engine, saga_id, SagaState.COMPLETED)
+        assert done.steps[1].output["courier"] == f"{saga_id}:reserve_courier:action"
+        assert engine.sweeps().stuck()["cleared"] == 1
+    finally:
+        worker.stop()
+        engine.close()
+
+
+def test_the_demo_mix_has_a_courier_that_hangs() -> None:
+    parcels = [s for s in SCENARIOS if s.saga == "ship_parcel"]
+    assert any("slow" in str(s.faults.get("fail", {})) for s in parcels)
