@@ -8,10 +8,19 @@ events and dead-letter record to store with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from engine.definition import Retry, Saga, StepDef
-from engine.model import DeadLetter, Event, EventKind, Failure, Instance, StepState, Transition
+from engine.model import (
+    DeadLetter,
+    Event,
+    EventKind,
+    Failure,
+    Instance,
+    StepState,
+    Transition,
+    evolve,
+)
 from engine.states import CompensationStatus, Phase, SagaState, StepStatus
 
 
@@ -158,7 +167,7 @@ def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
     step = inst.steps[run.index]
     if run.phase is Phase.ACTION:
         deadline = now + _ms(sdef.timeout.total_seconds())
-        step = replace(
+        step = evolve(
             step,
             status=StepStatus.RUNNING,
             attempts=run.attempt,
@@ -168,7 +177,7 @@ def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
         )
     else:
         deadline = now + _ms(sdef.timeout.total_seconds())
-        step = replace(
+        step = evolve(
             step,
             comp_status=CompensationStatus.RUNNING,
             comp_attempts=run.attempt,
@@ -176,7 +185,7 @@ def begin_attempt(inst: Instance, defn: Saga, run: Run, now: int) -> Transition:
             comp_finished_at=None,
             comp_deadline_at=deadline,
         )
-    nxt = replace(inst.with_step(step), updated_at=now, next_run_at=deadline)
+    nxt = evolve(inst.with_step(step), updated_at=now, next_run_at=deadline)
     event = Event(
         EventKind.ATTEMPT_STARTED,
         run.index,
@@ -203,11 +212,9 @@ def record_success(inst: Instance, defn: Saga, now: int, output: object = None) 
         at=now,
     )
     if phase is Phase.ACTION:
-        done = replace(
-            step, status=StepStatus.SUCCEEDED, finished_at=now, output=output, error=None
-        )
+        done = evolve(step, status=StepStatus.SUCCEEDED, finished_at=now, output=output, error=None)
         return Transition(inst.with_step(done), (event,)).then(advance(inst.with_step(done), now))
-    undone = replace(
+    undone = evolve(
         step, comp_status=CompensationStatus.COMPENSATED, comp_finished_at=now, comp_error=None
     )
     return Transition(inst.with_step(undone), (event,)).then(
@@ -224,12 +231,12 @@ def record_failure(
     sdef = defn.steps[step.index]
     policy = sdef.retry if phase is Phase.ACTION else sdef.compensation_retry
     attempt = step.attempts_of(phase)
-    event = replace(_failure_event(step.index, phase, attempt, failure), at=now)
+    event = evolve(_failure_event(step.index, phase, attempt, failure), at=now)
     if _may_retry(policy, step.budget_used(phase), failure, phase):
         retry_at = now + policy.delay_ms(step.budget_used(phase), rand)
         waiting = _mark_waiting(step, phase, failure, now)
-        nxt = replace(inst.with_step(waiting), next_run_at=retry_at, updated_at=now)
-        event = replace(event, detail={**(event.detail or {}), "retry_at": retry_at})
+        nxt = evolve(inst.with_step(waiting), next_run_at=retry_at, updated_at=now)
+        event = evolve(event, detail={**(event.detail or {}), "retry_at": retry_at})
         return Transition(nxt, (event,))
     first = Transition(inst, (event,))
     if phase is Phase.COMPENSATE:
@@ -241,11 +248,11 @@ def advance(inst: Instance, now: int) -> Transition:
     """Move past the current step (it succeeded or was skipped): next step, or completed."""
     nxt_index = inst.cursor + 1
     if nxt_index >= len(inst.steps):
-        done = replace(
+        done = evolve(
             inst, state=SagaState.COMPLETED, next_run_at=None, updated_at=now, last_progress_at=now
         )
         return Transition(done, (Event(EventKind.SAGA_COMPLETED),))
-    moved = replace(inst, cursor=nxt_index, next_run_at=now, updated_at=now, last_progress_at=now)
+    moved = evolve(inst, cursor=nxt_index, next_run_at=now, updated_at=now, last_progress_at=now)
     return Transition(moved)
 
 
@@ -256,7 +263,7 @@ def start_compensation(
     steps = tuple(
         _needs_undo(s, defn.steps[s.index]) if s.index <= through else s for s in inst.steps
     )
-    marked = replace(inst, steps=steps, state=SagaState.COMPENSATING, updated_at=now)
+    marked = evolve(inst, steps=steps, state=SagaState.COMPENSATING, updated_at=now)
     event = Event(EventKind.COMPENSATION_STARTED, through, detail={"reason": reason})
     return Transition(marked, (event,)).then(next_compensation(marked, now, from_index=through + 1))
 
@@ -266,7 +273,7 @@ def next_compensation(inst: Instance, now: int, from_index: int | None = None) -
     top = inst.cursor if from_index is None else from_index
     pending = [s.index for s in inst.steps[:top] if s.comp_status is CompensationStatus.PENDING]
     if not pending:
-        done = replace(
+        done = evolve(
             inst,
             state=SagaState.COMPENSATED,
             next_run_at=None,
@@ -274,9 +281,7 @@ def next_compensation(inst: Instance, now: int, from_index: int | None = None) -
             last_progress_at=now,
         )
         return Transition(done, (Event(EventKind.SAGA_COMPENSATED),))
-    moved = replace(
-        inst, cursor=max(pending), next_run_at=now, updated_at=now, last_progress_at=now
-    )
+    moved = evolve(inst, cursor=max(pending), next_run_at=now, updated_at=now, last_progress_at=now)
     return Transition(moved)
 
 
@@ -286,7 +291,7 @@ def _needs_undo(step: StepState, sdef: StepDef) -> StepState:
         and sdef.compensation is not None
         and step.comp_status in (CompensationStatus.NOT_NEEDED, CompensationStatus.PENDING)
     ):
-        return replace(step, comp_status=CompensationStatus.PENDING)
+        return evolve(step, comp_status=CompensationStatus.PENDING)
     return step
 
 
@@ -308,14 +313,14 @@ def _may_retry(policy: Retry, used: int, failure: Failure, phase: Phase) -> bool
 
 def _mark_waiting(step: StepState, phase: Phase, failure: Failure, now: int) -> StepState:
     if phase is Phase.ACTION:
-        return replace(
+        return evolve(
             step,
             status=StepStatus.PENDING,
             error=failure.message,
             finished_at=now,
             deadline_at=None,
         )
-    return replace(
+    return evolve(
         step,
         comp_status=CompensationStatus.PENDING,
         comp_error=failure.message,
@@ -327,7 +332,7 @@ def _mark_waiting(step: StepState, phase: Phase, failure: Failure, now: int) -> 
 def _forward_exhausted(inst: Instance, defn: Saga, failure: Failure, now: int) -> Transition:
     step = inst.current
     final = StepStatus.TIMED_OUT if failure.timed_out or failure.abandoned else StepStatus.FAILED
-    failed = replace(step, status=final, error=failure.message, finished_at=now, deadline_at=None)
+    failed = evolve(step, status=final, error=failure.message, finished_at=now, deadline_at=None)
     inst = inst.with_step(failed)
     gave_up = Transition(
         inst,
@@ -352,7 +357,7 @@ def _forward_exhausted(inst: Instance, defn: Saga, failure: Failure, now: int) -
 
 
 def _dead_letter_compensation(inst: Instance, failure: Failure, now: int) -> Transition:
-    step = replace(
+    step = evolve(
         inst.current,
         comp_status=CompensationStatus.FAILED,
         comp_error=failure.message,
@@ -366,7 +371,7 @@ def _dead_letter_compensation(inst: Instance, failure: Failure, now: int) -> Tra
 def _dead_letter(inst: Instance, phase: Phase, failure: Failure, now: int, why: str) -> Transition:
     step = inst.current
     attempts = step.attempts_of(phase)
-    parked = replace(inst, state=SagaState.FAILED, next_run_at=None, updated_at=now)
+    parked = evolve(inst, state=SagaState.FAILED, next_run_at=None, updated_at=now)
     record = DeadLetter(step.index, phase, failure.message, failure.traceback, attempts)
     event = Event(
         EventKind.DEAD_LETTERED,

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engine.collaborators import Clock, Collaborators
@@ -31,7 +31,7 @@ from engine.decide import (
 from engine.definition import Saga, StepContext
 from engine.errors import ConcurrencyConflict, InvalidInput, UnknownSaga
 from engine.logs import bound
-from engine.model import Event, EventKind, Failure, Instance, Transition, idempotency_key
+from engine.model import Event, EventKind, Failure, Instance, Transition, evolve, idempotency_key
 from engine.remote.dispatch import Dispatcher
 from engine.states import Phase
 from engine.store import Store, dumps
@@ -128,7 +128,7 @@ class Executor:
             return self.store.save(inst, transition, self.owner, owner=self.owner, release=release)
         if step is None and inst.lease_owner == self.owner:
             self.store.release(inst.id, self.owner)
-            return replace(inst, lease_owner=None, lease_expires_at=None)
+            return evolve(inst, lease_owner=None, lease_expires_at=None)
         return inst
 
     def _execute(self, inst: Instance, step: _Step) -> tuple[Instance, Transition, _Step | None]:
@@ -184,8 +184,8 @@ class Executor:
         with self.store.transaction() as conn:
             final, nxt = self._run_batch(transition, step, conn, contain)
             if nxt is None:
-                final = replace(
-                    final, instance=replace(final.instance, lease_owner=None, lease_expires_at=None)
+                final = evolve(
+                    final, instance=evolve(final.instance, lease_owner=None, lease_expires_at=None)
                 )
             inst, created = self.store.create(final, self.owner, conn=conn)
             if not created:

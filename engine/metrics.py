@@ -188,17 +188,30 @@ def transition_saved(old: Instance | None, new: Instance, events: Sequence[Event
             start = begun.get((ev.step_index, ev.phase, ev.attempt)) or _began(old, ev)
             _attempt_ended(new, ev, start)
         elif (counter := _SAGA_COUNTERS.get(ev.kind)) is not None:
-            counter.labels(new.saga_name).inc()
+            _child(counter, (new.saga_name,)).inc()
 
 
 def _attempt_ended(inst: Instance, ev: Event, began: int | None) -> None:
     step = inst.steps[ev.step_index].name if ev.step_index is not None else ""
     labels = (inst.saga_name, step, str(ev.phase), _OUTCOMES[ev.kind])
-    STEP_ATTEMPTS.labels(*labels).inc()
+    _child(STEP_ATTEMPTS, labels).inc()
     if ev.at is not None and began is not None:
-        STEP_DURATION.labels(*labels).observe(max(ev.at - began, 0) / 1000)
+        _child(STEP_DURATION, labels).observe(max(ev.at - began, 0) / 1000)
     if ev.phase is Phase.COMPENSATE and ev.kind is not EventKind.ATTEMPT_SUCCEEDED:
-        COMPENSATION_FAILURES.labels(inst.saga_name, step).inc()
+        _child(COMPENSATION_FAILURES, (inst.saga_name, step)).inc()
+
+
+# The children of the hot path's metrics, by label values: ``labels()`` checks and
+# converts its arguments and takes a lock on every call; a saga calls it a dozen times.
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN.setdefault(key, metric.labels(*labels))
+    return found
 
 
 def _began(old: Instance | None, ev: Event) -> int | None:

@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -44,7 +44,7 @@ from engine.decide import Run, begin_attempt, decide, record_failure, record_suc
 from engine.definition import Saga
 from engine.errors import ConcurrencyConflict, TransportError, UnknownSaga
 from engine.logs import bound
-from engine.model import Event, EventKind, Instance, Transition
+from engine.model import Event, EventKind, Instance, Transition, evolve
 from engine.remote.dispatch import Dispatcher, resend_in_flight
 from engine.remote.messages import BadMessage, Outcome, Reply
 from engine.store import Connection, StoreError, refused_for_its_data, retry_on_disconnect
@@ -132,7 +132,7 @@ class ReplyHandler:
                     changes.append((inst, transition))
                     later.append((nxt, defn))
                     # A second reply for the same saga in this batch sees the first.
-                    current[reply.saga_id] = replace(transition.instance, version=inst.version + 1)
+                    current[reply.saga_id] = evolve(transition.instance, version=inst.version + 1)
             saved = c.store.save_many(changes, c.owner, conn)
         # The store's save counted the attempts for the metrics (engine.metrics).
         self._after_commit(
@@ -192,8 +192,8 @@ def _outcome(inst: Instance, defn: Saga, reply: Reply, now: int) -> Transition:
     else:
         transition = record_failure(inst, defn, now, reply.failure(), random.random())
     first, *rest = transition.events
-    noted = replace(first, detail={**(first.detail or {}), **detail})
-    return replace(transition, events=(noted, *rest))
+    noted = evolve(first, detail={**(first.detail or {}), **detail})
+    return evolve(transition, events=(noted, *rest))
 
 
 def _discarded(inst: Instance, reply: Reply, why: str) -> Event:

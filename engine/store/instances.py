@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -29,7 +28,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
 
 from engine.errors import ConcurrencyConflict, SagaNotFound
-from engine.model import Event, Instance, Transition, now_ms
+from engine.model import Event, Instance, Transition, evolve, now_ms
 from engine.store import commits, leases
 from engine.store import schema as t
 from engine.store import timeline as tl
@@ -174,7 +173,7 @@ class Store:
                 tl.insert_operator_action(c, old, operator, now, after=(new.state, old.version + 1))
         self._stored(conn, old, new, transition.events)
         lease: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None} if release else {}
-        return replace(new, version=old.version + 1, **lease)
+        return evolve(new, version=old.version + 1, **lease)
 
     def save_many(self, changes: Sequence[Change], actor: str, conn: Connection) -> list[Instance]:
         """:meth:`save` for many instances in one go (no lease check), so that a batch
@@ -191,7 +190,7 @@ class Store:
             if tr.dead_letter is not None:
                 tl.insert_dead_letter(conn, tr.instance, tr, tr.instance.updated_at)
         commits.after_commit(conn, partial(self._stored_all, changes))
-        return [replace(tr.instance, version=old.version + 1) for old, tr in changes]
+        return [evolve(tr.instance, version=old.version + 1) for old, tr in changes]
 
     def _save_batch(self, conn: Connection, changes: Sequence[Change], actor: str) -> None:
         # One executemany each for the instances, their steps and their events.
