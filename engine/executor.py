@@ -66,7 +66,7 @@ class Executor:
         self._rand = random.Random()
         self._lock = threading.Lock()
         self.leases = Heartbeat(self.store, self.owner, collaborators.lease_ms, self.clock)
-        self._batch_failures = _FailureRate()
+        self._failures = _FailureRate()
         #: Set when the worker drains: each instance in hand stops after its current step.
         self.draining = threading.Event()
 
@@ -179,7 +179,7 @@ class Executor:
         self,
         transition: Transition,
         step: _Step,
-        contain: bool,
+        contain: _Containment,
     ) -> tuple[Instance, _Step | None]:
         with self.store.transaction() as conn:
             final, nxt = self._run_batch(transition, step, conn, contain)
@@ -203,26 +203,26 @@ class Executor:
             step, lambda contain: self._run_in_one_transaction(inst, step, contain)
         )
 
-    def _optimistically(self, step: _Step, run: Callable[[bool], _T]) -> _T:
-        """``run(contain=False)``, and again with savepoints if a step raised.
+    def _optimistically(self, step: _Step, run: Callable[[_Containment], _T]) -> _T:
+        """``run`` with savepoints only around the attempts likely to raise, and
+        again with a savepoint around every attempt if another one raised.
 
-        Savepoints cost two round trips per attempt, so batches go without
-        them, unless batches of this saga type have been failing lately: then
-        running twice would cost more, and they start with savepoints.
+        A savepoint costs two statements per attempt, and an attempt that
+        raises outside one aborts the whole batch, which then runs again. So
+        each attempt goes without one, unless attempts of that step have been
+        raising lately (a step that keeps failing, say): those start inside a
+        savepoint, and the rest of the batch still commits in one go.
         """
-        if self._batch_failures.likely(step.defn.name):
-            return run(True)
         try:
-            return run(False)
+            return run(_Containment(self._failures.risky(step.defn.name)))
         except _StepRaised:
-            self._batch_failures.record(step.defn.name, failed=True)
-            return run(True)
+            return run(_CONTAIN_EVERY_ATTEMPT)
 
     def _run_in_one_transaction(
         self,
         inst: Instance,
         step: _Step,
-        contain: bool,
+        contain: _Containment,
     ) -> tuple[Instance, Transition, _Step | None]:
         with self.store.transaction() as conn:
             transition, nxt = self._run_batch(Transition(inst), step, conn, contain)
@@ -232,37 +232,47 @@ class Executor:
         return saved, Transition(saved), nxt
 
     def _run_batch(
-        self, transition: Transition, step: _Step, conn: Connection, contain: bool
+        self, transition: Transition, step: _Step, conn: Connection, contain: _Containment
     ) -> tuple[Transition, _Step | None]:
         """Run transactional attempts back to back on ``conn`` while they are due now.
 
-        Optimistically (``contain=False``) a raising step aborts the whole
-        batch with :class:`_StepRaised`; the caller then runs it again with
-        ``contain=True``, where each attempt sits in a savepoint, so a failure
+        An attempt that ``contain`` covers sits in a savepoint, so a failure
         undoes only that attempt and is recorded, and what follows it (a
-        retry, the compensations) still commits once.
+        retry, the compensations) still commits once. One it does not cover
+        aborts the whole batch with :class:`_StepRaised` when it raises; the
+        caller then runs the batch again with every attempt covered.
         """
-        current, failed = step, False
+        current = step
         while True:
             inst = transition.instance
             outcome = self._attempt(inst, current, conn, contain)
-            failed = failed or isinstance(outcome, Failure)
             transition, nxt = self._plan_next(
                 transition.then(self._outcome(inst, current, outcome)), step.defn
             )
             if nxt is None or not nxt.defn.steps[nxt.run.index].transactional:
-                self._batch_failures.record(step.defn.name, failed=failed)
                 return transition, nxt
             current = nxt
 
-    def _attempt(self, inst: Instance, step: _Step, conn: Connection, contain: bool) -> object:
-        if not contain:
-            return self._call_transactional(inst, step, conn)
+    def _attempt(
+        self, inst: Instance, step: _Step, conn: Connection, contain: _Containment
+    ) -> object:
+        run = step.run
+        if not contain.covers(run.index, run.phase):
+            try:
+                output = self._call_transactional(inst, step, conn)
+            except _StepRaised:
+                self._failures.record(step.defn.name, run.index, run.phase, failed=True)
+                raise
+            self._failures.record(step.defn.name, run.index, run.phase, failed=False)
+            return output
         try:
             with self.store.savepoint(conn):
-                return self._call_transactional(inst, step, conn)
+                output = self._call_transactional(inst, step, conn)
         except _StepRaised as raised:
+            self._failures.record(step.defn.name, run.index, run.phase, failed=True)
             return _failure(raised.exc, step)
+        self._failures.record(step.defn.name, run.index, run.phase, failed=False)
+        return output
 
     def _call_transactional(self, inst: Instance, step: _Step, conn: Connection) -> Any:
         sdef = step.defn.steps[step.run.index]
@@ -391,23 +401,44 @@ class Executor:
 
 
 class _FailureRate:
-    """How often recent transactional batches of each saga type had a step raise.
+    """How often recent attempts of each transactional step raised, per saga type.
 
-    An exponentially weighted average per saga name; races between threads
-    only blur it, which is harmless for a hint.
+    An exponentially weighted average per (saga, step, phase); races between
+    threads only blur it, which is harmless for a hint.
     """
 
     def __init__(self, weight: float = 0.1, threshold: float = 0.3) -> None:
         self.weight = weight
         self.threshold = threshold
-        self._rates: dict[str, float] = {}
+        self._rates: dict[str, dict[tuple[int, Phase], float]] = {}
+        self._risky: dict[str, frozenset[tuple[int, Phase]]] = {}
 
-    def record(self, saga_name: str, failed: bool) -> None:
-        rate = self._rates.get(saga_name, 0.0)
-        self._rates[saga_name] = rate + self.weight * (float(failed) - rate)
+    def record(self, saga_name: str, index: int, phase: Phase, failed: bool) -> None:
+        rates = self._rates.setdefault(saga_name, {})
+        rate = rates.get((index, phase), 0.0)
+        rate += self.weight * (float(failed) - rate)
+        rates[index, phase] = rate
+        was = (index, phase) in self._risky.get(saga_name, frozenset())
+        if (rate > self.threshold) != was:  # rebuilt only when a step crosses the line
+            self._risky[saga_name] = frozenset(k for k, r in rates.items() if r > self.threshold)
 
-    def likely(self, saga_name: str) -> bool:
-        return self._rates.get(saga_name, 0.0) > self.threshold
+    def risky(self, saga_name: str) -> frozenset[tuple[int, Phase]]:
+        """The (step index, phase) of this saga type whose attempts have been raising."""
+        return self._risky.get(saga_name, frozenset())
+
+
+@dataclass(frozen=True)
+class _Containment:
+    """Which attempts of a transactional batch run inside a savepoint."""
+
+    risky: frozenset[tuple[int, Phase]] = frozenset()
+    every_attempt: bool = False
+
+    def covers(self, index: int, phase: Phase) -> bool:
+        return self.every_attempt or (index, phase) in self.risky
+
+
+_CONTAIN_EVERY_ATTEMPT = _Containment(every_attempt=True)
 
 
 class _StepRaised(Exception):

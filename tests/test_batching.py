@@ -1,9 +1,9 @@
 """Transactional steps share a transaction; a failing one is recorded against itself.
 
 A batch first runs without savepoints; when a step raises, the batch is
-rolled back and run again with a savepoint around each attempt. A saga type
-whose batches keep failing starts with savepoints, so its steps stop running
-twice.
+rolled back and run again with a savepoint around each attempt. A step whose
+attempts keep raising starts inside a savepoint, and only that step: its saga's
+steps stop running twice, and the others pay no savepoint.
 """
 
 from __future__ import annotations
@@ -73,4 +73,27 @@ def test_a_saga_type_that_keeps_failing_starts_with_savepoints(store_url: str) -
             assert engine.run("charges", {}).state is SagaState.COMPENSATED
         assert calls == {"reserve": 1, "charge": 1, "release": 1}
     finally:
+        engine.close()
+
+
+def test_only_the_step_that_keeps_failing_gets_a_savepoint(store_url: str) -> None:
+    calls: dict[str, int] = {}
+    engine = _engine(store_url, calls)
+    statements: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement.split(maxsplit=1)[0].upper())
+
+    try:
+        for _ in range(8):
+            engine.run("charges", {})
+        sa.event.listen(engine.store.db, "before_cursor_execute", note)
+        calls.clear()
+        assert engine.run("charges", {}).state is SagaState.COMPENSATED
+        assert calls == {"reserve": 1, "charge": 1, "release": 1}
+        # One savepoint, around the charge: the reserve and its release run bare.
+        assert statements.count("SAVEPOINT") == 1
+        assert statements.count("ROLLBACK") == 1  # to that savepoint: the charge raised
+    finally:
+        sa.event.remove(engine.store.db, "before_cursor_execute", note)
         engine.close()
